@@ -1,0 +1,1 @@
+"""Human feedback inversion: labels -> reward model -> a learned token that stands for a concept."""

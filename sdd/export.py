@@ -1,0 +1,160 @@
+"""Export an erased model in formats people load elsewhere.
+
+``<out>/pipeline/``              a diffusers StableDiffusionPipeline folder (``from_pretrained`` loads it)
+``<out>/unet.safetensors``       the UNet alone, one safetensors file with diffusers keys
+``<out>/lora/pytorch_lora_weights.safetensors``   LoRA runs: ``pipe.load_lora_weights`` loads it
+``<out>/config.yaml``            the resolved run config
+``<out>/README.md``              a model card
+
+Every path is written under a temporary name and renamed into place (see ``sdd.files``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+from sdd.errors import UserError
+from sdd.files import atomic_path, write_text
+from sdd.models import SDComponents
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ModelCard:
+    base_model: str
+    method: str  # e.g. "SDD (self-distillation)"
+    concepts: list[str]
+    steps: int
+    finetune: str
+    hyperparameters: dict = field(default_factory=dict)
+    exported: str = ""  # which weights, e.g. "EMA teacher"
+    notes: str = ""
+
+
+def _card_text(card: ModelCard, has_pipeline: bool, has_lora: bool) -> str:
+    hub_base = card.base_model if card.base_model not in ("tiny", "shapes") else None
+    front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image"]
+    if hub_base and not os.path.isdir(hub_base):
+        front.append(f"base_model: {hub_base}")
+    front += ["tags:", "- stable-diffusion", "- concept-erasure", f"- {card.method.split()[0].lower()}", "---", ""]
+    concepts = ", ".join(f"`{c}`" for c in card.concepts)
+    lines = [
+        f"# {card.method}: {', '.join(card.concepts)} erased",
+        "",
+        f"Stable Diffusion fine-tuned with **{card.method}** so that it no longer generates {concepts}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{card.base_model}` |",
+        f"| method | {card.method} |",
+        f"| concepts | {concepts} |",
+        f"| trained parameters | `{card.finetune}` |",
+        f"| optimizer steps | {card.steps} |",
+    ]
+    if card.exported:
+        lines.append(f"| exported weights | {card.exported} |")
+    for key, value in card.hyperparameters.items():
+        lines.append(f"| {key} | `{value}` |")
+    lines += ["", "## Use", "", "```python", "import torch", "from diffusers import StableDiffusionPipeline", ""]
+    if has_pipeline:
+        lines += ['pipe = StableDiffusionPipeline.from_pretrained("pipeline")']
+    if has_lora:
+        lines += [
+            f'pipe = StableDiffusionPipeline.from_pretrained("{card.base_model}")  # the base model',
+            'pipe.load_lora_weights("lora")',
+        ]
+    lines += ['image = pipe("a photo of a cat").images[0]', "```", ""]
+    lines += ["The full training configuration is in `config.yaml`.", ""]
+    if card.notes:
+        lines += [card.notes, ""]
+    return "\n".join(front + lines)
+
+
+def _state_dict(unet, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in unet.state_dict().items()}
+
+
+def merged_unet(unet):
+    """A plain UNet with the LoRA adapters folded into the base weights (the input is left untouched)."""
+    merged = copy.deepcopy(unet)
+    merged.fuse_lora()
+    merged.unload_lora()
+    return merged
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def export_model(
+    out_dir: str,
+    base: SDComponents,
+    unet,
+    *,
+    config_yaml: str,
+    card: ModelCard,
+    is_lora: bool = False,
+    merge_lora: bool = True,
+    dtype: str = "fp32",
+) -> dict[str, str]:
+    """Write the export of ``unet`` (with ``base``'s VAE, text encoder, tokenizer and scheduler); return the paths."""
+    from diffusers import StableDiffusionPipeline
+
+    if base.vae is None:
+        raise UserError("export: the model has no VAE, so no pipeline can be written")
+    torch_dtype = DTYPES[dtype]
+    written: dict[str, str] = {}
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        if is_lora:
+            path = os.path.join(out_dir, "lora")
+            with atomic_path(path) as tmp:
+                StableDiffusionPipeline.save_lora_weights(
+                    tmp,
+                    unet_lora_layers={k: v.to(torch_dtype) for k, v in lora_state_dict(unet).items()},
+                    safe_serialization=True,
+                    unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+                )
+            written["lora"] = path
+        full_unet = (merged_unet(unet) if is_lora else unet) if (merge_lora or not is_lora) else None
+        if full_unet is not None:
+            path = os.path.join(out_dir, "pipeline")
+            def cast(module):  # copies, so the caller's fp32 modules stay untouched
+                return module if torch_dtype == torch.float32 else copy.deepcopy(module).to(torch_dtype)
+
+            with atomic_path(path) as tmp:
+                pipe = StableDiffusionPipeline(
+                    vae=cast(base.vae),
+                    text_encoder=cast(base.text_encoder),
+                    tokenizer=base.tokenizer,
+                    unet=cast(full_unet),
+                    scheduler=base.scheduler,
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                )
+                pipe.save_pretrained(tmp, safe_serialization=True)
+            written["pipeline"] = path
+            path = os.path.join(out_dir, "unet.safetensors")
+            with atomic_path(path) as tmp:
+                save_file(_state_dict(full_unet, torch_dtype), tmp, metadata={"format": "pt", "keys": "diffusers"})
+            written["unet"] = path
+        path = os.path.join(out_dir, "config.yaml")
+        write_text(path, config_yaml)
+        written["config"] = path
+        path = os.path.join(out_dir, "README.md")
+        write_text(path, _card_text(card, has_pipeline=full_unet is not None, has_lora=is_lora))
+        written["card"] = path
+    except OSError as err:
+        raise UserError(f"export to {out_dir} failed, nothing half-written was left in place: {err}") from None
+    return written

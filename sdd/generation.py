@@ -1,0 +1,176 @@
+"""Image generation shared by every method and baseline.
+
+Each request carries its own seed; its initial latent is drawn from a CPU generator seeded with it, so the same
+row gives the same noise for every model and every guidance rule (and matches diffusers' pipeline called with
+``generator=torch.Generator().manual_seed(seed)`` for one image). The guidance rule is a small object: plain
+classifier-free guidance here; SLD and others plug in the same way, and all of a step's UNet branches run in
+one batched forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdd.models import SDComponents
+from sdd.sampling import cfg, encode_prompts
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    seed: int
+    guidance_scale: float = 7.5
+    height: Optional[int] = None
+    width: Optional[int] = None
+    negative_prompt: str = ""  # text of the unconditional branch ("" = plain CFG)
+
+
+class Guidance(Protocol):
+    """How the branch predictions of one denoising step combine into one noise estimate."""
+
+    def extra_prompts(self) -> list[str]:
+        """Texts of branches beyond (unconditional, prompt), e.g. SLD's safety concept."""
+        ...
+
+    def init_state(self, eps_shape: torch.Size, device, dtype) -> Any: ...
+
+    def combine(
+        self,
+        eps_uncond: torch.Tensor,
+        eps_prompt: torch.Tensor,
+        eps_extra: list[torch.Tensor],
+        guidance_scale: torch.Tensor,
+        step: int,
+        state: Any,
+    ) -> tuple[torch.Tensor, Any]: ...
+
+
+class CFGGuidance:
+    """Plain classifier-free guidance (with a negative prompt when the request has one)."""
+
+    def extra_prompts(self) -> list[str]:
+        return []
+
+    def init_state(self, eps_shape, device, dtype):
+        return None
+
+    def combine(self, eps_uncond, eps_prompt, eps_extra, guidance_scale, step, state):
+        return cfg(eps_uncond, eps_prompt, guidance_scale), state
+
+
+def initial_latent(seed: int, shape: Sequence[int], init_noise_sigma: float = 1.0) -> torch.Tensor:
+    """The (1, C, H, W) starting noise of one image: a pure function of its seed."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn((1, *shape), generator=generator) * init_noise_sigma
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    arr = (images.float().clamp(-1, 1) / 2 + 0.5).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in arr]
+
+
+def _batches(requests: Sequence[Request], batch_size: int):
+    """Consecutive runs of requests that can share a forward pass (same size), at most batch_size long."""
+    index = 0
+    for _, group in itertools.groupby(requests, key=lambda r: (r.height, r.width)):
+        group = list(group)
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            yield index, chunk
+            index += len(chunk)
+
+
+@torch.no_grad()
+def generate(
+    model: SDComponents,
+    requests: Sequence[Request],
+    *,
+    num_inference_steps: int = 25,
+    guidance: Guidance | None = None,
+    batch_size: int = 4,
+    output_type: str = "pil",
+    progress: bool = False,
+    on_batch=None,
+) -> list:
+    """Generate one image per request. ``output_type``: ``'pil'``, ``'pt'`` (images in [-1, 1]) or ``'latent'``.
+
+    ``on_batch(first_index, images)`` is called after each batch (used to write images as they come).
+    """
+    guidance = guidance or CFGGuidance()
+    unet, vae = model.unet, model.vae
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    extra = guidance.extra_prompts()
+    text_cache: dict[str, torch.Tensor] = {}
+
+    def embed(texts: Sequence[str]) -> torch.Tensor:
+        missing = sorted({t for t in texts if t not in text_cache})
+        if missing:
+            for text, e in zip(missing, encode_prompts(model.tokenizer, model.text_encoder, missing, device)):
+                text_cache[text] = e
+        return torch.stack([text_cache[t] for t in texts]).to(dtype)
+
+    outputs: list = []
+    batches = list(_batches(requests, batch_size))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(requests), desc="generating", unit="img")
+    for first, chunk in batches:
+        n = len(chunk)
+        height = chunk[0].height or model.default_resolution
+        width = chunk[0].width or model.default_resolution
+        f = model.vae_scale_factor
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+        scheduler = model.scheduler.__class__.from_config(model.scheduler.config)  # fresh state per batch
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        shape = (model.latent_channels, height // f, width // f)
+        latents = torch.cat([initial_latent(r.seed, shape, scheduler.init_noise_sigma) for r in chunk])
+        latents = latents.to(device=device, dtype=dtype)
+        branches = [embed([r.negative_prompt for r in chunk]), embed([r.prompt for r in chunk])]
+        branches += [embed([text] * n) for text in extra]
+        context = torch.cat(branches)
+        scale = torch.tensor([r.guidance_scale for r in chunk], device=device, dtype=dtype).view(n, 1, 1, 1)
+        state = guidance.init_state(latents.shape, device, dtype)
+        for step, t in enumerate(scheduler.timesteps):
+            model_in = scheduler.scale_model_input(latents, t)
+            eps = unet(model_in.repeat(len(branches), 1, 1, 1), t, encoder_hidden_states=context).sample
+            parts = list(eps.split(n))
+            eps_hat, state = guidance.combine(parts[0], parts[1], parts[2:], scale, step, state)
+            latents = scheduler.step(eps_hat, t, latents).prev_sample
+        if output_type == "latent":
+            result = list(latents)
+        else:
+            images = vae.decode(latents / vae.config.scaling_factor).sample
+            result = to_pil(images) if output_type == "pil" else list(images.float().cpu())
+        outputs.extend(result)
+        if on_batch is not None:
+            on_batch(first, result)
+        if bar is not None:
+            bar.update(n)
+    if bar is not None:
+        bar.close()
+    return outputs
+
+
+def image_grid(images: Sequence[Image.Image], rows: int, cols: int) -> Image.Image:
+    if not images:
+        raise ValueError("no images for the grid")
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, img in enumerate(images[: rows * cols]):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def with_unet(model: SDComponents, unet) -> SDComponents:
+    return dataclasses.replace(model, unet=unet)

@@ -1,0 +1,201 @@
+"""SDD: Safe self-Distillation Diffusion (Kim et al., arXiv 2307.05977; ECCV'24 variant in arXiv 2407.21032).
+
+    theta* <- theta;  c_s = enc(", ".join(concepts))
+    repeat:  z_T ~ N(0, I);  k ~ U{0..K-1} (or floor(K * Beta(3, 3)));  c_p = one concept
+             z_t, t = k CFG-DDIM steps of the EMA teacher theta* toward c_p (guidance s_g)
+             loss = || eps_theta(z_t, c_s, t) - sg(eps_theta(z_t, emptyset, t)) ||^2
+             theta* <- m theta* + (1 - m) theta
+    export theta* (the teacher)
+
+``t`` is the grid timestep of the latent the student sees (the official code's k = 0 case, which ran the full
+trajectory and then queried t ~ 990, does not exist here). ``concept_roles='official'`` swaps c_s and c_p as
+the released code does for several concepts (see docs/METHODS.md section 1.4).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+from sdd.config import ExportConfig, FinetuneSet, LoraConfig, ModelConfig, TrackingConfig, TrainConfig, check
+from sdd.export import ModelCard
+from sdd.methods import common
+from sdd.params import configure_trainable
+from sdd.sampling import sample_to_k
+
+# --- the math (pure) -----------------------------------------------------------------------------------------
+
+
+def sdd_loss(eps_concept: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
+    """mean over elements of (eps(z_t, c_s, t) - sg(eps(z_t, emptyset, t)))^2, in fp32."""
+    return F.mse_loss(eps_concept.float(), eps_uncond.detach().float())
+
+
+@torch.no_grad()
+def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, in place, for each pair."""
+    if teacher:
+        torch._foreach_lerp_(teacher, student, 1.0 - decay)
+
+
+def sample_k(
+    batch: int,
+    num_steps: int,
+    generator: torch.Generator,
+    distribution: str = "uniform",
+    beta: tuple[float, float] = (3.0, 3.0),
+) -> torch.Tensor:
+    """Number of teacher DDIM steps per latent, in [0, num_steps).
+
+    ``uniform``: k ~ U{0, ..., K-1} (SDD). ``beta``: k = floor(K * u), u ~ Beta(a, b) (ECCV'24 SDD: a = b = 3).
+    """
+    if distribution == "uniform":
+        return torch.randint(0, num_steps, (batch,), generator=generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    u = np.random.default_rng(seed).beta(beta[0], beta[1], size=batch)
+    return torch.from_numpy(np.minimum(np.floor(num_steps * u), num_steps - 1).astype(np.int64))
+
+
+def concept_indices(
+    schedule: str, num_concepts: int, batch: int, sample_offset: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Which concept each latent of a micro-step uses: round-robin over the global sample count, or random."""
+    if schedule == "iterative":
+        return (sample_offset + torch.arange(batch)) % num_concepts
+    return torch.randint(0, num_concepts, (batch,), generator=generator)
+
+
+# --- configuration -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SDDSettings:
+    guidance_scale: float = 3.0  # s_g of the teacher's sampling toward c_p
+    ddim_steps: int = 50  # K: the DDIM grid the teacher samples on
+    k_distribution: Literal["uniform", "beta"] = "uniform"
+    beta_a: float = 3.0
+    beta_b: float = 3.0
+    ema_decay: float = 0.999
+    concept_roles: Literal["paper", "official"] = "paper"
+    concept_schedule: Literal["iterative", "random"] = "iterative"
+    export: Literal["teacher", "student"] = "teacher"
+    resolution: Optional[int] = None  # image size; default: the model's
+
+    def __post_init__(self) -> None:
+        check(self.ddim_steps >= 1, "sdd.ddim_steps", f"must be >= 1, got {self.ddim_steps}")
+        check(0.0 <= self.ema_decay < 1.0, "sdd.ema_decay", f"must lie in [0, 1), got {self.ema_decay}")
+        check(self.beta_a > 0 and self.beta_b > 0, "sdd.beta_a/beta_b", "must be > 0")
+
+
+@dataclass
+class SDDConfig:
+    method: Literal["sdd"] = "sdd"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    concepts: list[str] = field(default_factory=lambda: ["nudity"])
+    learned_embeds: Optional[str] = None  # a learned_embeds.safetensors whose token(s) may appear in concepts
+    output_dir: str = "outputs/sdd"
+    finetune: FinetuneSet = "xattn"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sdd: SDDSettings = field(default_factory=SDDSettings)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        check(len(self.concepts) > 0, "concepts", "name at least one concept, e.g. concepts='[nudity]'")
+        check(all(c.strip() for c in self.concepts), "concepts", "a concept is empty")
+
+
+# --- the method ----------------------------------------------------------------------------------------------
+
+
+class SDDMethod:
+    """Student = the UNet being trained; teacher = its EMA, which samples the training latents and is exported."""
+
+    def __init__(self, cfg: SDDConfig, device: torch.device | str = "cpu", process_index: int = 0,
+                 num_processes: int = 1):
+        self.cfg = cfg
+        self.process_index, self.num_processes = process_index, num_processes
+        self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds)
+        self.model = self.base.unet
+        self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora)
+        self.model.train()
+        self.teacher = copy.deepcopy(self.model).requires_grad_(False).eval()
+        teacher_params = dict(self.teacher.named_parameters())
+        student_params = dict(self.model.named_parameters())
+        self._ema_pairs = (
+            [teacher_params[n] for n in self.trainable_names],
+            [student_params[n] for n in self.trainable_names],
+        )
+
+        s = cfg.sdd
+        joined = ", ".join(cfg.concepts)
+        student_texts, sampler_texts = ([joined], list(cfg.concepts))
+        if s.concept_roles == "official":
+            student_texts, sampler_texts = sampler_texts, student_texts
+        self.student_texts, self.sampler_texts = student_texts, sampler_texts
+        embeds = common.embed(self.base, ["", *student_texts, *sampler_texts])
+        self.c_uncond = embeds[:1]
+        self.c_student = embeds[1 : 1 + len(student_texts)]
+        self.c_sampler = embeds[1 + len(student_texts) :]
+
+        self.scheduler = DDIMScheduler.from_config(self.base.scheduler.config)
+        self.scheduler.set_timesteps(s.ddim_steps)
+        self.resolution = s.resolution or self.base.default_resolution
+        f = self.base.vae_scale_factor
+        self.latent_shape = (self.base.latent_channels, self.resolution // f, self.resolution // f)
+
+    # the loop's interface
+
+    def compute_loss(self, model, step: int, generator: torch.Generator):
+        s, batch = self.cfg.sdd, self.cfg.train.batch_size
+        device = self.c_uncond.device
+        z_T = torch.randn((batch, *self.latent_shape), generator=generator).to(device)
+        k = sample_k(batch, s.ddim_steps, generator, s.k_distribution, (s.beta_a, s.beta_b))
+        offset = (step * self.num_processes + self.process_index) * batch
+        n_concepts = max(len(self.student_texts), len(self.sampler_texts))
+        idx = concept_indices(s.concept_schedule, n_concepts, batch, offset, generator)
+        c_p = self.c_sampler[idx % len(self.sampler_texts)]
+        c_s = self.c_student[idx % len(self.student_texts)]
+        z_t, t = sample_to_k(self.teacher, self.scheduler, z_T, c_p, self.c_uncond, s.guidance_scale, k)
+        with torch.no_grad():
+            eps_uncond = model(z_t, t, encoder_hidden_states=self.c_uncond.expand(batch, -1, -1)).sample
+        eps_concept = model(z_t, t, encoder_hidden_states=c_s).sample
+        return sdd_loss(eps_concept, eps_uncond), {"k": k.float().mean().item()}
+
+    def after_optimizer_step(self) -> None:
+        ema_update_(*self._ema_pairs, self.cfg.sdd.ema_decay)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {f"teacher.{n}": p for n, p in zip(self.trainable_names, self._ema_pairs[0])}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in zip(self.trainable_names, self._ema_pairs[0]):
+                p.copy_(state[f"teacher.{n}"])
+
+    def export_unet(self):
+        return self.teacher if self.cfg.sdd.export == "teacher" else self.model
+
+    def validation_images(self):
+        prompts = common.default_prompts(self.cfg.concepts, self.cfg.tracking)
+        return common.validation_images(self.base, self.export_unet(), prompts, self.cfg.tracking, self.resolution)
+
+    def export(self, output_dir: str) -> dict[str, str]:
+        cfg = self.cfg
+        card = ModelCard(
+            base_model=cfg.model.pretrained,
+            method="SDD (safe self-distillation)",
+            concepts=list(cfg.concepts),
+            steps=cfg.train.steps,
+            finetune=cfg.finetune,
+            hyperparameters=common.hyperparameters(cfg, cfg.sdd),
+            exported="EMA teacher" if cfg.sdd.export == "teacher" else "student",
+        )
+        return common.export_unet(output_dir, self.base, self.export_unet(), cfg, card)

@@ -1,0 +1,209 @@
+"""Stable Diffusion components: loaded from a diffusers folder / hub id, or built tiny in code.
+
+Only safetensors are ever loaded (``use_safetensors=True``); pickled ``.bin``/``.ckpt`` weights are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from typing import Optional
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sdd.errors import UserError
+
+TOKENIZER_DIR = str(resources.files("sdd") / "assets" / "clip-tokenizer")
+SHAPES_MODEL_DIR = str(resources.files("sdd") / "assets" / "shapes-base")
+
+
+@dataclass
+class SDComponents:
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: object  # the model's own scheduler (kept for export); training builds a DDIMScheduler from it
+    vae: Optional[AutoencoderKL]
+    source: str  # what `model.pretrained` named
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 8
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def default_resolution(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "SDComponents":
+        for module in (self.unet, self.text_encoder, self.vae):
+            if module is not None:
+                module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
+        return self
+
+
+def load_tokenizer(path: str = TOKENIZER_DIR) -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(path)
+
+
+def build_tiny_sd(seed: int = 0, sample_size: int = 16) -> SDComponents:
+    """A randomly initialised SD-1.x-shaped model (~3 M parameters) with the real CLIP vocabulary.
+
+    Deterministic for a given seed, so every process and every test builds the same weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=32,
+            sample_size=sample_size * 2,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=5,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=49406,
+                eos_token_id=49407,  # pooled output at the real end-of-text position
+                pad_token_id=49407,
+                projection_dim=32,
+            )
+        )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return SDComponents(unet, text_encoder, load_tokenizer(), scheduler, vae, source="tiny")
+
+
+def _load_scheduler(pretrained: str, kwargs: dict):
+    """The model's own scheduler class (PNDM for SD-1.4), so an export keeps the base model's sampler."""
+    import diffusers
+
+    config = DDIMScheduler.load_config(pretrained, subfolder="scheduler", **kwargs)
+    cls = getattr(diffusers, config.get("_class_name", "DDIMScheduler"), DDIMScheduler)
+    return cls.from_config(config)
+
+
+def _describe(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae: bool = True) -> SDComponents:
+    """Components of an SD-1.x model: ``'tiny'``, ``'shapes'``, a diffusers folder or a hub id."""
+    if pretrained == "tiny":
+        return build_tiny_sd()
+    if pretrained == "shapes":
+        if not os.path.isdir(SHAPES_MODEL_DIR):
+            raise UserError(f"model.pretrained: the ShapesWorld model is not installed at {SHAPES_MODEL_DIR}")
+        pretrained = SHAPES_MODEL_DIR
+    is_local = os.path.isdir(pretrained)
+    looks_like_path = pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
+    if not is_local and looks_like_path:
+        raise UserError(f"model.pretrained: no such model folder: {pretrained}")
+    if is_local:
+        for sub in ("unet", "text_encoder", "tokenizer", "scheduler") + (("vae",) if with_vae else ()):
+            if not os.path.isdir(os.path.join(pretrained, sub)):
+                raise UserError(
+                    f"model.pretrained: {pretrained} is not a diffusers model folder (no '{sub}/' subfolder)"
+                )
+        _refuse_pickles(pretrained, ["unet", "text_encoder"] + (["vae"] if with_vae else []))
+    kwargs = dict(revision=revision) if revision else {}
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per component is noise
+    with warnings.catch_warnings():  # the hub client warns about deprecated arguments diffusers passes
+        warnings.simplefilter("ignore")
+        return _load(pretrained, kwargs, is_local, with_vae)
+
+
+def _load(pretrained: str, kwargs: dict, is_local: bool, with_vae: bool) -> SDComponents:
+    try:
+        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", use_safetensors=True, **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(
+            pretrained, subfolder="text_encoder", use_safetensors=True, **kwargs
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs)
+        scheduler = _load_scheduler(pretrained, kwargs)
+        vae = (
+            AutoencoderKL.from_pretrained(pretrained, subfolder="vae", use_safetensors=True, **kwargs)
+            if with_vae
+            else None
+        )
+    except (OSError, ValueError, EnvironmentError) as err:
+        if is_local:
+            raise UserError(f"model.pretrained: could not load folder '{pretrained}': {_describe(err)}") from None
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            raise UserError(
+                f"model.pretrained: '{pretrained}' is not a local folder and the hub is offline (HF_HUB_OFFLINE); "
+                "download it first or give the path of a diffusers model folder"
+            ) from None
+        raise UserError(f"model.pretrained: could not load '{pretrained}' from the hub: {_describe(err)}") from None
+    for module in (unet, text_encoder, vae):
+        if module is not None:
+            module.eval()
+    return SDComponents(unet, text_encoder, tokenizer, scheduler, vae, source=pretrained)
+
+
+def _refuse_pickles(path: str, subfolders: list[str]) -> None:
+    for sub in subfolders:
+        folder = os.path.join(path, sub)
+        names = os.listdir(folder)
+        if not any(n.endswith(".safetensors") for n in names) and not any(
+            n.endswith(".safetensors.index.json") for n in names
+        ):
+            raise UserError(
+                f"model.pretrained: {folder} has no .safetensors weights; pickled weights (.bin/.ckpt) "
+                "are never loaded - convert them to safetensors first"
+            )
+
+
+def unet_from_single_file(path: str, config_dir: str) -> UNet2DConditionModel:
+    """Rebuild a UNet from an exported ``unet.safetensors`` (diffusers keys) and a UNet config folder."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise UserError(f"no such file: {path}")
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir))
+    missing, unexpected = unet.load_state_dict(load_file(path), strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: does not match the UNet in {config_dir} ({len(missing)} missing keys)")
+    return unet.eval()

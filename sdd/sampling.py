@@ -1,0 +1,89 @@
+"""Prompt encoding and the partial DDIM sampler shared by SDD (EMA teacher) and ESD (the trained model).
+
+``sample_to_k`` runs classifier-free-guided DDIM from pure noise for exactly ``k`` steps per latent and returns
+the latents together with the timestep they now sit at, which is the timestep the student must be queried at.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: Sequence[str], device=None) -> torch.Tensor:
+    """CLIP hidden states of ``prompts`` padded to the tokenizer's max length, as Stable Diffusion uses them."""
+    device = device or next(text_encoder.parameters()).device
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+    return text_encoder(ids)[0]
+
+
+def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: eps_uncond + s_g * (eps_cond - eps_uncond)."""
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def ddim_step(scheduler, eps: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
+    """One deterministic (eta = 0) DDIM step from timestep ``t`` on ``scheduler``'s grid."""
+    return scheduler.step(eps, t, z, eta=0.0).prev_sample
+
+
+@torch.no_grad()
+def sample_to_k(
+    unet: nn.Module,
+    scheduler,
+    z_T: torch.Tensor,
+    c_cond: torch.Tensor,
+    c_uncond: torch.Tensor,
+    guidance_scale: float,
+    k: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run CFG-DDIM from ``z_T`` for exactly ``k[b]`` steps for each latent ``b``.
+
+    Args:
+        unet: the sampling model (SDD: the EMA teacher; ESD: the model being trained).
+        scheduler: a DDIM scheduler on which ``set_timesteps(K)`` was called; its grid is
+            ``scheduler.timesteps`` (noisiest first).
+        z_T: (B, C, H, W) initial noise.
+        c_cond, c_uncond: (B or 1, L, D) text embeddings of the guiding and the empty prompt.
+        guidance_scale: s_g.
+        k: (B,) integers in [0, K). Latent ``b`` is denoised ``k[b]`` times; all latents move in lockstep on the
+            grid and each is frozen once it has taken its own ``k[b]`` steps, so one batched pass serves them all.
+
+    Returns:
+        ``(z_t, t)``: the latents and, for each, the grid timestep ``scheduler.timesteps[k[b]]`` at which it sits.
+        ``k = 0`` returns ``z_T`` itself at the first (noisiest) grid timestep.
+    """
+    timesteps = scheduler.timesteps
+    k = k.to(torch.long).cpu()
+    if k.ndim != 1 or k.shape[0] != z_T.shape[0]:
+        raise ValueError(f"k must have shape ({z_T.shape[0]},), got {tuple(k.shape)}")
+    if (k < 0).any() or (k >= len(timesteps)).any():
+        raise ValueError(f"k must lie in [0, {len(timesteps)}), got {k.tolist()}")
+    batch = z_T.shape[0]
+    c_cond = c_cond.expand(batch, -1, -1)
+    c_uncond = c_uncond.expand(batch, -1, -1)
+    z = z_T.clone()
+    for i in range(int(k.max()) if batch else 0):
+        active = (k > i).nonzero().flatten().to(z.device)  # latents that still have steps to take
+        t = timesteps[i]
+        z_a = z.index_select(0, active)
+        n = z_a.shape[0]
+        eps = unet(
+            torch.cat([z_a, z_a]),
+            t,
+            encoder_hidden_states=torch.cat([c_uncond.index_select(0, active), c_cond.index_select(0, active)]),
+        ).sample
+        eps_uncond, eps_cond = eps[:n], eps[n:]
+        z_new = ddim_step(scheduler, cfg(eps_uncond, eps_cond, guidance_scale).to(z_a.dtype), t, z_a)
+        z = z.index_copy(0, active, z_new.to(z.dtype))
+    t_k = timesteps[k].to(z.device)
+    return z, t_k

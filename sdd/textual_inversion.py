@@ -1,0 +1,56 @@
+"""Learned tokens (textual inversion): load a ``learned_embeds.safetensors`` into a tokenizer + text encoder.
+
+File format: ``{token: (D,) or (1, D) tensor}``, the format diffusers' textual-inversion example writes and
+``pipe.load_textual_inversion`` reads, so a token learned by HFI can stand for a concept anywhere a prompt goes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import load_file
+
+from sdd.errors import UserError
+
+
+def read_learned_embeds(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise UserError(f"learned_embeds: no such file: {path}")
+    if not path.endswith(".safetensors"):
+        raise UserError(f"learned_embeds: {path} is not a .safetensors file (pickles are never loaded)")
+    try:
+        state = load_file(path)
+    except Exception as err:  # safetensors raises its own error type for corrupt files
+        raise UserError(f"learned_embeds: cannot read {path}: {err}") from None
+    if not state:
+        raise UserError(f"learned_embeds: {path} holds no token")
+    return {token: emb.reshape(-1) if emb.ndim == 2 and emb.shape[0] == 1 else emb for token, emb in state.items()}
+
+
+def add_tokens(tokenizer, text_encoder, embeds: dict[str, torch.Tensor]) -> list[int]:
+    """Add each token to the vocabulary with its embedding; return the new token ids."""
+    table = text_encoder.get_input_embeddings()
+    ids = []
+    for token, emb in embeds.items():
+        if emb.ndim != 1 or emb.shape[0] != table.weight.shape[1]:
+            raise UserError(
+                f"learned_embeds: token {token} has shape {tuple(emb.shape)}, but this text encoder's "
+                f"embeddings have width {table.weight.shape[1]}"
+            )
+        if token in tokenizer.get_vocab():
+            raise UserError(f"learned_embeds: token {token} is already in the tokenizer's vocabulary")
+        tokenizer.add_tokens([token])
+        ids.append(tokenizer.convert_tokens_to_ids(token))
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    table = text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        for token_id, emb in zip(ids, embeds.values()):
+            table.weight[token_id] = emb.to(table.weight.dtype)
+    return ids
+
+
+def load_learned_embeds(components, path: str) -> list[str]:
+    embeds = read_learned_embeds(path)
+    add_tokens(components.tokenizer, components.text_encoder, embeds)
+    return list(embeds)

@@ -1,0 +1,65 @@
+import os
+
+# Everything offline and untracked, before any library reads its environment.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def load_script(name: str):
+    """Import an entry script of train/ as a module (they are files, not package modules)."""
+    path = ROOT / "train" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"train_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def train_sdd():
+    return load_script("train_sdd")
+
+
+@pytest.fixture
+def tiny_args(tmp_path):
+    """Arguments of a fast SDD run on the tiny model, into a fresh output folder."""
+
+    def make(*overrides, out=None):
+        out = out or tmp_path / "run"
+        return [
+            "--config",
+            str(ROOT / "configs" / "sdd" / "tiny.yaml"),
+            f"output_dir={out}",
+            "train.steps=2",
+            "train.checkpoint_every=0",
+            "sdd.ddim_steps=4",
+            "tracking.tracker=none",
+            "tracking.num_inference_steps=2",
+            *overrides,
+        ]
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; accelerate keeps process-wide state between them."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
