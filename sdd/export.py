@@ -45,10 +45,15 @@ def _card_text(card: ModelCard, has_pipeline: bool, has_lora: bool) -> str:
         front.append(f"base_model: {hub_base}")
     front += ["tags:", "- stable-diffusion", "- concept-erasure", f"- {card.method.split()[0].lower()}", "---", ""]
     concepts = ", ".join(f"`{c}`" for c in card.concepts)
+    if card.concepts:
+        title = f"# {card.method}: {', '.join(card.concepts)} erased"
+        intro = f"Stable Diffusion fine-tuned with **{card.method}** so that it no longer generates {concepts}."
+    else:
+        title, intro = f"# {card.method}", "A text-to-image model in Stable Diffusion format."
     lines = [
-        f"# {card.method}: {', '.join(card.concepts)} erased",
+        title,
         "",
-        f"Stable Diffusion fine-tuned with **{card.method}** so that it no longer generates {concepts}.",
+        intro,
         "",
         "| | |",
         "|---|---|",

@@ -142,7 +142,7 @@ def load_method_checkpoint(method: Method, checkpoint_dir: str) -> None:
         method.load_extra_state(load_file(state_path))
 
 
-def _register_checkpoint_hooks(accelerator, method: Method) -> None:
+def _register_checkpoint_hooks(accelerator, method: Method) -> list:
     """Checkpoints hold only what changes: the trainable parameters and the method's extra state."""
 
     def save_hook(models, weights, output_dir):
@@ -169,11 +169,12 @@ def _register_checkpoint_hooks(accelerator, method: Method) -> None:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        accelerator.register_save_state_pre_hook(save_hook)
-        accelerator.register_load_state_pre_hook(load_hook)
-    else:  # FSDP / DeepSpeed save sharded model weights themselves; keep only the method's extra state
-        accelerator.register_save_state_pre_hook(lambda models, weights, d: save_hook([], [], d))
-        accelerator.register_load_state_pre_hook(lambda models, d: load_extra(d))
+        return [accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)]
+    # FSDP / DeepSpeed save sharded model weights themselves; keep only the method's extra state
+    return [
+        accelerator.register_save_state_pre_hook(lambda models, weights, d: save_hook([], [], d)),
+        accelerator.register_load_state_pre_hook(lambda models, d: load_extra(d)),
+    ]
 
 
 def _save_checkpoint(accelerator, output_dir: str, step: int, micro_step: int, limit: int | None) -> str:
@@ -277,7 +278,7 @@ def fit(
         num_training_steps=train.steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(method.model, optimizer, lr_scheduler)
-    _register_checkpoint_hooks(accelerator, method)
+    hooks = _register_checkpoint_hooks(accelerator, method)
     tracker = Tracker(accelerator, tracking, config, output_dir)
 
     step = 0
@@ -355,6 +356,9 @@ def fit(
         write_text(os.path.join(output_dir, "train_summary.json"), json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()
     tracker.finish()
+    for hook in hooks:
+        hook.remove()
+    accelerator.free_memory()  # the script may train another stage with the same accelerator
     return FitResult(step, seconds, last_loss, exports, checksums)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -87,3 +88,30 @@ def sample_to_k(
         z = z.index_copy(0, active, z_new.to(z.dtype))
     t_k = timesteps[k].to(z.device)
     return z, t_k
+
+
+def sample_k(
+    batch: int,
+    num_steps: int,
+    generator: torch.Generator,
+    distribution: str = "uniform",
+    beta: tuple[float, float] = (3.0, 3.0),
+) -> torch.Tensor:
+    """Number of teacher DDIM steps per latent, in [0, num_steps).
+
+    ``uniform``: k ~ U{0, ..., K-1} (SDD). ``beta``: k = floor(K * u), u ~ Beta(a, b) (ECCV'24 SDD: a = b = 3).
+    """
+    if distribution == "uniform":
+        return torch.randint(0, num_steps, (batch,), generator=generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    u = np.random.default_rng(seed).beta(beta[0], beta[1], size=batch)
+    return torch.from_numpy(np.minimum(np.floor(num_steps * u), num_steps - 1).astype(np.int64))
+
+
+def concept_indices(
+    schedule: str, num_concepts: int, batch: int, sample_offset: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Which concept each latent of a micro-step uses: round-robin over the global sample count, or random."""
+    if schedule == "iterative":
+        return (sample_offset + torch.arange(batch)) % num_concepts
+    return torch.randint(0, num_concepts, (batch,), generator=generator)

@@ -89,5 +89,7 @@ class Tracker:
                 tracker.add_text(f"{key}/{i}/prompt", caption, step)
 
     def finish(self) -> None:
-        if self.cfg.tracker != "none":
-            self.accelerator.end_training()
+        """Close this run's trackers (the process group stays up: the script may train another stage)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdd.methods.sdd import concept_indices, ema_update_, sample_k, sdd_loss
+from sdd.methods.sdd import ema_update_, sdd_loss
+from sdd.sampling import concept_indices, sample_k
 
 
 def test_sdd_loss_is_the_element_mean_of_squared_differences():

@@ -19,6 +19,7 @@ def main(argv=None):
     result = fit(accelerator, method, cfg.train, cfg.tracking, cfg.output_dir, to_dict(cfg), to_yaml(cfg))
     if accelerator.is_main_process:
         print(describe(result, cfg.output_dir))
+    accelerator.end_training()
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 def registry() -> dict:
     """Method name (the config's ``method`` field) -> (config schema, method class)."""
+    from sdd.methods.esd import ESDConfig, ESDMethod
     from sdd.methods.sdd import SDDConfig, SDDMethod
 
-    return {"sdd": (SDDConfig, SDDMethod)}
+    return {"sdd": (SDDConfig, SDDMethod), "esd": (ESDConfig, ESDMethod)}

@@ -28,6 +28,24 @@ def load_base(pretrained: str, revision: str | None, device, learned_embeds: str
     return base.to(device)
 
 
+def ddim_grid(base: SDComponents, steps: int):
+    """A DDIM scheduler on the model's noise schedule with ``steps`` grid points (noisiest first)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(base.scheduler.config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def latent_shape(base: SDComponents, resolution: int) -> tuple[int, int, int]:
+    f = base.vae_scale_factor
+    if resolution % f:
+        from sdd.errors import ConfigError
+
+        raise ConfigError(f"config error: resolution {resolution} is not a multiple of the VAE factor {f}")
+    return (base.latent_channels, resolution // f, resolution // f)
+
+
 def embed(base: SDComponents, texts: Sequence[str]) -> torch.Tensor:
     """(N, L, D) text embeddings, computed once: the text encoder is frozen in every method here."""
     return encode_prompts(base.tokenizer, base.text_encoder, list(texts))

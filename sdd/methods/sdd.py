@@ -18,16 +18,14 @@ import copy
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
 
 from sdd.config import ExportConfig, FinetuneSet, LoraConfig, ModelConfig, TrackingConfig, TrainConfig, check
 from sdd.export import ModelCard
 from sdd.methods import common
 from sdd.params import configure_trainable
-from sdd.sampling import sample_to_k
+from sdd.sampling import concept_indices, sample_k, sample_to_k
 
 # --- the math (pure) -----------------------------------------------------------------------------------------
 
@@ -42,33 +40,6 @@ def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], decay:
     """teacher <- decay * teacher + (1 - decay) * student, in place, for each pair."""
     if teacher:
         torch._foreach_lerp_(teacher, student, 1.0 - decay)
-
-
-def sample_k(
-    batch: int,
-    num_steps: int,
-    generator: torch.Generator,
-    distribution: str = "uniform",
-    beta: tuple[float, float] = (3.0, 3.0),
-) -> torch.Tensor:
-    """Number of teacher DDIM steps per latent, in [0, num_steps).
-
-    ``uniform``: k ~ U{0, ..., K-1} (SDD). ``beta``: k = floor(K * u), u ~ Beta(a, b) (ECCV'24 SDD: a = b = 3).
-    """
-    if distribution == "uniform":
-        return torch.randint(0, num_steps, (batch,), generator=generator)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    u = np.random.default_rng(seed).beta(beta[0], beta[1], size=batch)
-    return torch.from_numpy(np.minimum(np.floor(num_steps * u), num_steps - 1).astype(np.int64))
-
-
-def concept_indices(
-    schedule: str, num_concepts: int, batch: int, sample_offset: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Which concept each latent of a micro-step uses: round-robin over the global sample count, or random."""
-    if schedule == "iterative":
-        return (sample_offset + torch.arange(batch)) % num_concepts
-    return torch.randint(0, num_concepts, (batch,), generator=generator)
 
 
 # --- configuration -------------------------------------------------------------------------------------------
@@ -145,11 +116,9 @@ class SDDMethod:
         self.c_student = embeds[1 : 1 + len(student_texts)]
         self.c_sampler = embeds[1 + len(student_texts) :]
 
-        self.scheduler = DDIMScheduler.from_config(self.base.scheduler.config)
-        self.scheduler.set_timesteps(s.ddim_steps)
+        self.scheduler = common.ddim_grid(self.base, s.ddim_steps)
         self.resolution = s.resolution or self.base.default_resolution
-        f = self.base.vae_scale_factor
-        self.latent_shape = (self.base.latent_channels, self.resolution // f, self.resolution // f)
+        self.latent_shape = common.latent_shape(self.base, self.resolution)
 
     # the loop's interface
 

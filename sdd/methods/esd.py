@@ -1,0 +1,154 @@
+"""ESD: Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023), on the same loop as SDD.
+
+    theta* <- theta (frozen)
+    repeat:  z_T ~ N(0, I);  k ~ U{0..K-1};  c = one concept
+             z_t, t = k CFG-DDIM steps of the model being trained (theta) toward c (start guidance)
+             target = eps*(z_t, t) - eta * (eps*(z_t, c, t) - eps*(z_t, t))
+             loss = || eps_theta(z_t, c, t) - target ||^2
+    export theta
+
+Variants: ``esd-x`` trains cross-attention (``xattn``), ``esd-u`` everything but cross-attention, the time
+embedding and the output conv (``noxattn``); ``lora``/``full``/``selfattn`` are shared with SDD. The latents are
+sampled with the same partial sampler as SDD's teacher (``sdd.sampling.sample_to_k``), and the model is queried
+at the grid timestep of the latent it sees (the original script used a DDPM step about two DDIM steps off).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from sdd.config import ExportConfig, LoraConfig, ModelConfig, TrackingConfig, TrainConfig, check
+from sdd.export import ModelCard
+from sdd.methods import common
+from sdd.params import configure_trainable
+from sdd.sampling import concept_indices, sample_k, sample_to_k
+
+# --- the math (pure) -----------------------------------------------------------------------------------------
+
+
+def esd_target(eps_frozen_uncond: torch.Tensor, eps_frozen_concept: torch.Tensor, eta: float) -> torch.Tensor:
+    """eps*(z_t, t) - eta * (eps*(z_t, c, t) - eps*(z_t, t)): negative guidance away from c, frozen model."""
+    return eps_frozen_uncond - eta * (eps_frozen_concept - eps_frozen_uncond)
+
+
+def esd_loss(eps_concept: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean over elements of (eps_theta(z_t, c, t) - target)^2, in fp32; the target carries no gradient."""
+    return F.mse_loss(eps_concept.float(), target.detach().float())
+
+
+# --- configuration -------------------------------------------------------------------------------------------
+
+ESDFinetune = Literal["esd-x", "esd-u", "xattn", "noxattn", "selfattn", "full", "lora"]
+FINETUNE_SETS = {"esd-x": "xattn", "esd-u": "noxattn"}
+
+
+@dataclass
+class ESDSettings:
+    negative_guidance: float = 1.0  # eta (ESD-x-1, ESD-u-1; the SDD paper compares with eta = 3)
+    start_guidance: float = 3.0  # CFG scale with which the trained model samples z_t toward c
+    ddim_steps: int = 50
+    k_distribution: Literal["uniform", "beta"] = "uniform"
+    beta_a: float = 3.0
+    beta_b: float = 3.0
+    concept_schedule: Literal["iterative", "random"] = "random"
+    resolution: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check(self.ddim_steps >= 1, "esd.ddim_steps", f"must be >= 1, got {self.ddim_steps}")
+        check(self.beta_a > 0 and self.beta_b > 0, "esd.beta_a/beta_b", "must be > 0")
+
+
+@dataclass
+class ESDConfig:
+    method: Literal["esd"] = "esd"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    concepts: list[str] = field(default_factory=lambda: ["nudity"])
+    learned_embeds: Optional[str] = None
+    output_dir: str = "outputs/esd"
+    finetune: ESDFinetune = "esd-x"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, lr=1e-5, weight_decay=0.0))
+    esd: ESDSettings = field(default_factory=ESDSettings)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        check(len(self.concepts) > 0, "concepts", "name at least one concept, e.g. concepts='[nudity]'")
+        check(all(c.strip() for c in self.concepts), "concepts", "a concept is empty")
+
+
+# --- the method ----------------------------------------------------------------------------------------------
+
+
+class ESDMethod:
+    """Trained model = the UNet being fine-tuned (it also samples z_t); frozen = the original UNet (targets)."""
+
+    def __init__(self, cfg: ESDConfig, device: torch.device | str = "cpu", process_index: int = 0,
+                 num_processes: int = 1):
+        self.cfg = cfg
+        self.process_index, self.num_processes = process_index, num_processes
+        self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds)
+        self.model = self.base.unet
+        self.frozen = copy.deepcopy(self.model).requires_grad_(False).eval()
+        finetune = FINETUNE_SETS.get(cfg.finetune, cfg.finetune)
+        self.trainable_names = configure_trainable(self.model, finetune, cfg.lora)
+        self.model.train()
+
+        s = cfg.esd
+        embeds = common.embed(self.base, ["", *cfg.concepts])
+        self.c_uncond, self.c_concepts = embeds[:1], embeds[1:]
+        self.scheduler = common.ddim_grid(self.base, s.ddim_steps)
+        self.resolution = s.resolution or self.base.default_resolution
+        self.latent_shape = common.latent_shape(self.base, self.resolution)
+
+    # the loop's interface
+
+    def compute_loss(self, model, step: int, generator: torch.Generator):
+        s, batch = self.cfg.esd, self.cfg.train.batch_size
+        device = self.c_uncond.device
+        z_T = torch.randn((batch, *self.latent_shape), generator=generator).to(device)
+        k = sample_k(batch, s.ddim_steps, generator, s.k_distribution, (s.beta_a, s.beta_b))
+        offset = (step * self.num_processes + self.process_index) * batch
+        idx = concept_indices(s.concept_schedule, len(self.cfg.concepts), batch, offset, generator)
+        c = self.c_concepts[idx]
+        c_uncond = self.c_uncond.expand(batch, -1, -1)
+        z_t, t = sample_to_k(model, self.scheduler, z_T, c, self.c_uncond, s.start_guidance, k)
+        with torch.no_grad():
+            eps = self.frozen(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c_uncond, c])).sample
+            target = esd_target(eps[:batch], eps[batch:], s.negative_guidance)
+        eps_concept = model(z_t, t, encoder_hidden_states=c).sample
+        return esd_loss(eps_concept, target), {"k": k.float().mean().item()}
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {}  # the frozen model is the base model: nothing to save
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def export_unet(self):
+        return self.model
+
+    def validation_images(self):
+        prompts = common.default_prompts(self.cfg.concepts, self.cfg.tracking)
+        return common.validation_images(self.base, self.model, prompts, self.cfg.tracking, self.resolution)
+
+    def export(self, output_dir: str) -> dict[str, str]:
+        cfg = self.cfg
+        card = ModelCard(
+            base_model=cfg.model.pretrained,
+            method=f"ESD ({cfg.finetune}, eta={cfg.esd.negative_guidance:g})",
+            concepts=list(cfg.concepts),
+            steps=cfg.train.steps,
+            finetune=cfg.finetune,
+            hyperparameters=common.hyperparameters(cfg, cfg.esd),
+            exported="the fine-tuned model",
+        )
+        return common.export_unet(output_dir, self.base, self.model, cfg, card)
