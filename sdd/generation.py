@@ -97,6 +97,7 @@ def generate(
     batch_size: int = 4,
     output_type: str = "pil",
     progress: bool = False,
+    desc: str = "generating",
     on_batch=None,
 ) -> list:
     """Generate one image per request. ``output_type``: ``'pil'``, ``'pt'`` (images in [-1, 1]) or ``'latent'``.
@@ -123,7 +124,7 @@ def generate(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(requests), desc="generating", unit="img")
+        bar = tqdm(total=len(requests), desc=desc, unit="img")
     for first, chunk in batches:
         n = len(chunk)
         height = chunk[0].height or model.default_resolution
