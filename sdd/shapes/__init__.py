@@ -1,0 +1,1 @@
+"""ShapesWorld: a toy text-to-image world where erasure is measured end to end on a CPU."""

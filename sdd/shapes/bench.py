@@ -1,0 +1,203 @@
+"""The ShapesWorld erasure benchmark: does a model still draw the erased concept, and what else did it lose?
+
+For a concept (a colour such as ``red`` or a shape such as ``circle``) three groups of prompts are generated
+with fixed seeds (image i of a group has seed ``seed + i`` for every model, so rows are paired):
+
+- ``concept``: prompts that ask for it ("a red circle", "a red square", ...). Reported: how often the concept
+  still appears (**erased rate**), and how often the other attribute asked for is drawn (**kept**);
+- ``bare``: the bare concept word ("red"): how often the concept appears;
+- ``retention``: prompts that do not involve it ("a blue triangle", ...): colour and shape accuracy.
+
+The oracle (``sdd.shapes.oracle``) judges every image. Rates come with 95 % Wilson intervals.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from PIL import Image, ImageDraw
+
+from sdd.generation import Request
+from sdd.shapes import oracle, world
+from sdd.stats import Rate, wilson
+
+
+@dataclass
+class BenchSettings:
+    concept: str = "red"
+    n: int = 96  # images per concept and bare group
+    n_retention: int = 192
+    num_inference_steps: int = 25
+    guidance_scale: float = 5.0
+    seed: int = 0
+    batch_size: int = 64
+
+
+@dataclass
+class Item:
+    group: str
+    prompt: str
+    colour: str | None  # what the prompt asks for
+    shape: str | None
+
+
+def items(settings: BenchSettings) -> list[Item]:
+    """Every image the benchmark generates for one model, in a fixed order."""
+    concept = settings.concept
+    kind = world.concept_kind(concept)
+    out: list[Item] = []
+    if kind == "colour":
+        asked = itertools.cycle([(concept, s) for s in world.SHAPES])
+        others = [(c, s) for c in world.COLOURS if c != concept for s in world.SHAPES]
+    else:
+        asked = itertools.cycle([(c, concept) for c in world.COLOURS])
+        others = [(c, s) for c in world.COLOURS for s in world.SHAPES if s != concept]
+    for _, (c, s) in zip(range(settings.n), asked):
+        out.append(Item("concept", f"a {c} {s}", c, s))
+    for _ in range(settings.n):
+        out.append(Item("bare", concept, concept if kind == "colour" else None, concept if kind == "shape" else None))
+    for _, (c, s) in zip(range(settings.n_retention), itertools.cycle(others)):
+        out.append(Item("retention", f"a {c} {s}", c, s))
+    return out
+
+
+def requests(settings: BenchSettings, negative_prompt: str = "") -> list[Request]:
+    seen: dict[str, int] = {}
+    reqs = []
+    for item in items(settings):
+        i = seen.get(item.group, 0)
+        seen[item.group] = i + 1
+        reqs.append(Request(item.prompt, seed=settings.seed + i, guidance_scale=settings.guidance_scale,
+                            negative_prompt=negative_prompt))
+    return reqs
+
+
+def score(settings: BenchSettings, readings: Sequence[oracle.Reading]) -> dict[str, Rate]:
+    concept = settings.concept
+    kind = world.concept_kind(concept)
+    other = "shape" if kind == "colour" else "colour"
+    counts: dict[str, list[int]] = {}
+
+    def add(name: str, hit: bool) -> None:
+        k, n = counts.get(name, [0, 0])
+        counts[name] = [k + int(hit), n + 1]
+
+    for item, r in zip(items(settings), readings):
+        if item.group == "concept":
+            add("erased_rate", getattr(r, kind) == concept)
+            add("kept", getattr(r, other) == getattr(item, other))
+        elif item.group == "bare":
+            add("bare_rate", getattr(r, kind) == concept)
+        else:
+            add("retention_colour", r.colour == item.colour)
+            add("retention_shape", r.shape == item.shape)
+    return {name: wilson(k, n) for name, (k, n) in counts.items()}
+
+
+COLUMNS = {
+    "erased_rate": "{c} on prompts asking for it",
+    "bare_rate": 'on the bare prompt "{c}"',
+    "kept": "{other} kept on those prompts",
+    "retention_colour": "colour accuracy, other prompts",
+    "retention_shape": "shape accuracy, other prompts",
+}
+
+
+def column_titles(concept: str) -> dict[str, str]:
+    other = "shape" if world.concept_kind(concept) == "colour" else "colour"
+    return {k: v.format(c=concept, other=other) for k, v in COLUMNS.items()}
+
+
+def format_table(concept: str, rows: Sequence[dict]) -> str:
+    titles = column_titles(concept)
+    header = ["model", *titles.values()]
+    lines = [header]
+    for row in rows:
+        m = row["metrics"]
+        lines.append([row["label"], *(Rate(**{k: m[key][k] for k in ("k", "n", "lo", "hi")}).fmt() for key in titles)])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+@dataclass
+class Row:
+    label: str
+    model: str  # what the model argument named
+    method: str = "sd"  # generation method (plain CFG; baselines add their own)
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    images: list = field(default_factory=list, repr=False)
+
+
+def grid(rows: Sequence[Row], settings: BenchSettings, per_group=(8, 4, 8), scale: int = 2) -> Image.Image:
+    """One line per model: the first images of the concept, bare and retention groups (same seeds)."""
+    its = items(settings)
+    picks = []
+    for group, count in zip(("concept", "bare", "retention"), per_group):
+        picks += [i for i, item in enumerate(its) if item.group == group][:count]
+    tile = world.SIZE * scale
+    label_w = 120
+    gap = 6
+    width = label_w + len(picks) * tile + 2 * gap
+    canvas = Image.new("RGB", (width, len(rows) * (tile + 4) + 16), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    x = label_w
+    for group, count in zip(("concept", "bare", "retention"), per_group):
+        draw.text((x + 2, 2), f"{group}: {its[[i for i, t in enumerate(its) if t.group == group][0]].prompt}...",
+                  fill=(0, 0, 0))
+        x += count * tile + gap
+    for r, row in enumerate(rows):
+        y = 16 + r * (tile + 4)
+        draw.text((4, y + tile // 2 - 6), row.label[:18], fill=(0, 0, 0))
+        x = label_w
+        for g, (group, count) in enumerate(zip(("concept", "bare", "retention"), per_group)):
+            for i in picks[sum(per_group[:g]) : sum(per_group[: g + 1])]:
+                canvas.paste(row.images[i].resize((tile, tile), Image.NEAREST), (x, y))
+                x += tile
+            x += gap
+    return canvas
+
+
+def run(rows: Sequence[Row], settings: BenchSettings, out_dir: str | None = None, progress: bool = True) -> dict:
+    """Generate, judge and score every row; write bench.json and grid.png to ``out_dir``."""
+    from sdd.baselines import generate_with_method
+    from sdd.models import load_components
+
+    world.concept_kind(settings.concept)  # fail early on an unknown concept
+    for row in rows:
+        started = time.perf_counter()
+        model = load_components(row.model)
+        images = generate_with_method(model, requests(settings), row.method, settings.concept,
+                                      num_inference_steps=settings.num_inference_steps,
+                                      batch_size=settings.batch_size, progress=progress, desc=row.label)
+        readings = oracle.read_many(images)
+        row.metrics = {k: v.as_dict() for k, v in score(settings, readings).items()}
+        row.images = images
+        row.seconds = time.perf_counter() - started
+    report = {
+        "benchmark": "shapesworld",
+        "settings": asdict(settings),
+        "oracle": oracle.ShapesOracle().criterion(),
+        "columns": column_titles(settings.concept),
+        "rows": [{"label": r.label, "model": r.model, "method": r.method, "metrics": r.metrics,
+                  "seconds": round(r.seconds, 1)} for r in rows],
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "cpus": os.cpu_count()},
+    }
+    if out_dir:
+        from sdd.files import atomic_path, write_text
+
+        os.makedirs(out_dir, exist_ok=True)
+        write_text(os.path.join(out_dir, "bench.json"), json.dumps(report, indent=2) + "\n")
+        with atomic_path(os.path.join(out_dir, "grid.png")) as tmp:
+            grid(rows, settings).save(tmp, format="PNG")
+        report["files"] = {"json": os.path.join(out_dir, "bench.json"), "grid": os.path.join(out_dir, "grid.png")}
+    return report

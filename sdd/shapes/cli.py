@@ -1,0 +1,114 @@
+"""``sdd-shapes``: the ShapesWorld commands.
+
+    sdd-shapes bench --model shapes --model sdd=outputs/sdd-shapes-red/pipeline --concept red --out DIR
+    sdd-shapes read IMAGE...                      # what the oracle sees in images
+    sdd-shapes ship outputs/shapes-base/pipeline  # install a trained base model as the packaged 'shapes' model
+
+``--model`` takes ``[LABEL=]PATH[@METHOD]``: PATH is ``shapes`` (the shipped model), ``tiny`` or a diffusers
+folder; METHOD a generation method (``sd``, the default, or a baseline such as ``neg``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from sdd.errors import UserError, run_main
+
+
+def parse_model(spec: str):
+    from sdd.baselines import METHODS
+    from sdd.shapes.bench import Row
+
+    label, _, rest = spec.rpartition("=")
+    path, _, method = rest.partition("@")
+    method = method or "sd"
+    if method not in METHODS:
+        raise UserError(f"--model {spec}: unknown method '{method}', expected one of {list(METHODS)}")
+    if not path:
+        raise UserError(f"--model {spec}: no model path")
+    if path not in ("shapes", "tiny") and not os.path.isdir(path):
+        raise UserError(f"--model {spec}: no such model folder: {path}")
+    default_label = path if method == "sd" else f"{path}@{method}"
+    return Row(label=label or default_label, model=path, method=method)
+
+
+def cmd_bench(args) -> dict:
+    from sdd.shapes.bench import BenchSettings, format_table, run
+    from sdd.shapes.world import concept_kind
+
+    try:
+        concept_kind(args.concept)
+    except ValueError as err:
+        raise UserError(f"--concept: {err}") from None
+    if args.n < 1 or args.n_retention < 1:
+        raise UserError("--n and --n-retention must be >= 1")
+    settings = BenchSettings(
+        concept=args.concept, n=args.n, n_retention=args.n_retention, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
+    )
+    rows = [parse_model(m) for m in (args.model or ["shapes"])]
+    report = run(rows, settings, args.out, progress=not args.quiet)
+    print(f'\nShapesWorld: erasing "{args.concept}" ({args.n} images per group, {args.n_retention} for retention; '
+          f"DDIM {args.steps} steps, CFG {args.guidance}; seeds {args.seed}..; 95 % Wilson intervals)")
+    print(format_table(args.concept, report["rows"]))
+    for row in report["rows"]:
+        print(f"  {row['label']}: {row['seconds']} s")
+    if args.out:
+        print(f"report: {report['files']['json']}\ngrid:   {report['files']['grid']}")
+    return report
+
+
+def cmd_read(args) -> None:
+    from PIL import Image
+
+    from sdd.shapes.oracle import read
+
+    for path in args.images:
+        if not os.path.isfile(path):
+            raise UserError(f"no such image: {path}")
+        r = read(Image.open(path).convert("RGB"))
+        print(json.dumps({"image": path, "colour": r.colour, "shape": r.shape, "pixels": r.pixels}))
+
+
+def cmd_ship(args) -> None:
+    from sdd.shapes.ship import ship
+
+    print(ship(args.pipeline, args.dest))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="sdd-shapes", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="erasure benchmark of one or more models")
+    b.add_argument("--model", action="append", help="[LABEL=]PATH[@METHOD]; repeat for several rows")
+    b.add_argument("--concept", default="red", help="a colour (red, green, blue, yellow) or shape (circle, ...)")
+    b.add_argument("--n", type=int, default=96, help="images per concept and bare group")
+    b.add_argument("--n-retention", type=int, default=192, help="images of prompts without the concept")
+    b.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    b.add_argument("--guidance", type=float, default=5.0, help="CFG scale")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--out", default=None, help="folder for bench.json and grid.png")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_bench)
+    r = sub.add_parser("read", help="what the oracle reads in images")
+    r.add_argument("images", nargs="+")
+    r.set_defaults(func=cmd_read)
+    s = sub.add_parser("ship", help="install a trained base pipeline as the packaged 'shapes' model")
+    s.add_argument("pipeline")
+    s.add_argument("--dest", default=None)
+    s.set_defaults(func=cmd_ship)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def cli() -> None:
+    run_main(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

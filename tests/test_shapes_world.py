@@ -1,0 +1,89 @@
+"""ShapesWorld: the world is seeded, the oracle reads real images (>= 99 %), the benchmark scores by hand."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdd.shapes import oracle, world
+from sdd.shapes.bench import BenchSettings, items, requests, score
+
+
+def test_scenes_and_captions_are_a_function_of_the_seed():
+    a = world.sample_batch(np.random.default_rng(7), 8, p_empty=0.1)
+    b = world.sample_batch(np.random.default_rng(7), 8, p_empty=0.1)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+    assert a[0].shape == (8, 3, 32, 32) and a[0].min() >= -1 and a[0].max() <= 1
+
+
+def test_caption_mix_is_seventy_fifteen_fifteen():
+    rng = np.random.default_rng(0)
+    scenes = [world.sample_scene(rng) for _ in range(4000)]
+    captions = [world.caption(rng, s) for s in scenes]
+    both = np.mean([s.colour in c and s.shape in c for s, c in zip(scenes, captions)])
+    colour_only = np.mean([s.colour in c and s.shape not in c for s, c in zip(scenes, captions)])
+    assert abs(both - 0.70) < 0.03 and abs(colour_only - 0.15) < 0.02
+    assert any(c == "red" for c in captions)  # the bare word is a caption the model sees
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_oracle_reads_real_images_at_least_99_percent(seed):
+    rng = np.random.default_rng(seed)
+    n, colour_ok, shape_ok = 600, 0, 0
+    for _ in range(n):
+        scene = world.sample_scene(rng)
+        image = (world.render(scene) * 255).round().astype(np.uint8)
+        reading = oracle.read(image)
+        colour_ok += reading.colour == scene.colour
+        shape_ok += reading.shape == scene.shape
+    assert colour_ok / n >= 0.99 and shape_ok / n >= 0.99
+
+
+def test_oracle_on_hand_made_images():
+    blank = np.zeros((32, 32, 3), np.uint8)
+    assert oracle.read(blank) == oracle.Reading("none", "none", 0)
+    grey = blank.copy()
+    grey[8:20, 8:20] = 128
+    assert oracle.read(grey).colour == "other" and oracle.read(grey).shape == "square"
+    speck = blank.copy()
+    speck[3:5, 3:5] = (220, 30, 30)  # 4 pixels: noise, not an object
+    assert oracle.read(speck).shape == "none"
+    red_circle = (world.render(world.Scene("circle", "red", 16, 16, 9, world.RGB["red"])) * 255).astype(np.uint8)
+    assert oracle.read(Image.fromarray(red_circle)) == oracle.Reading("red", "circle", oracle.read(red_circle).pixels)
+    assert oracle.ShapesOracle().present(red_circle, "red") and oracle.ShapesOracle().present(red_circle, "circle")
+    assert not oracle.ShapesOracle().present(red_circle, "blue")
+
+
+def test_bench_groups_and_scoring_by_hand():
+    settings = BenchSettings(concept="red", n=3, n_retention=4)
+    its = items(settings)
+    assert [i.group for i in its] == ["concept"] * 3 + ["bare"] * 3 + ["retention"] * 4
+    assert [i.prompt for i in its[:3]] == ["a red circle", "a red square", "a red triangle"]
+    assert all(i.prompt == "red" for i in its[3:6])
+    assert all("red" not in i.prompt for i in its[6:])
+    # seeds restart per group, so every model and group is paired image by image
+    assert [r.seed for r in requests(settings)] == [0, 1, 2, 0, 1, 2, 0, 1, 2, 3]
+    R = oracle.Reading
+    readings = [R("red", "circle", 50), R("blue", "square", 50), R("red", "circle", 50),  # concept
+                R("red", "square", 50), R("none", "none", 0), R("green", "circle", 50),  # bare
+                R("green", "circle", 50), R("green", "square", 50), R("red", "triangle", 50),
+                R("blue", "circle", 50)]  # retention asks green circle/square/triangle, blue circle
+    rates = score(settings, readings)
+    assert (rates["erased_rate"].k, rates["erased_rate"].n) == (2, 3)
+    assert (rates["kept"].k, rates["kept"].n) == (2, 3)  # circle, (square asked, square read), triangle asked
+    assert (rates["bare_rate"].k, rates["bare_rate"].n) == (1, 3)
+    assert (rates["retention_colour"].k, rates["retention_colour"].n) == (3, 4)
+    assert (rates["retention_shape"].k, rates["retention_shape"].n) == (4, 4)
+
+
+def test_shape_concepts_ask_every_colour():
+    its = items(BenchSettings(concept="circle", n=4, n_retention=8))
+    assert [i.prompt for i in its[:4]] == ["a red circle", "a green circle", "a blue circle", "a yellow circle"]
+    assert all("circle" not in i.prompt for i in its[8:])
+    with pytest.raises(ValueError, match="not a ShapesWorld concept"):
+        items(BenchSettings(concept="purple"))
+
+
+def test_datasets_view():
+    ds = world.as_dataset(5, seed=3)
+    assert len(ds) == 5 and set(ds.column_names) == {"image", "prompt", "shape", "colour"}
+    assert ds[0]["image"].size == (32, 32)
