@@ -54,6 +54,7 @@ class TrainConfig:
     batch_size: int = 1  # per process and micro-step
     gradient_accumulation_steps: int = 1
     lr: float = 1e-5
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes, GPU only
     weight_decay: float = 1e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -128,6 +129,33 @@ def _first_line(err: OmegaConfBaseException) -> str:
     return msg.strip().splitlines()[0]
 
 
+def _yaml_booleans_to_choices(schema: type, layer) -> None:
+    """YAML 1.1 reads ``no`` / ``yes`` as booleans: give them back to choice fields that list them
+    (``train.mixed_precision=no`` must mean the choice ``'no'``, not ``False``)."""
+    import typing
+
+    from omegaconf import DictConfig
+
+    if not isinstance(layer, DictConfig) or not dataclasses.is_dataclass(schema):
+        return
+    hints = typing.get_type_hints(schema)
+    for key in list(layer.keys()):
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is typing.Union:  # Optional[Literal[...]]
+            inner = [a for a in args if a is not type(None)]
+            hint, args = (inner[0], typing.get_args(inner[0])) if len(inner) == 1 else (hint, args)
+        value = layer._get_node(key)._value() if layer._get_node(key) is not None else None
+        if dataclasses.is_dataclass(hint):
+            _yaml_booleans_to_choices(hint, layer[key])
+        elif typing.get_origin(hint) is Literal and isinstance(value, bool):
+            word = "yes" if value else "no"
+            if word in args:
+                layer[key] = word
+
+
 def load_config(schema: type[T], config_path: str | None = None, overrides: Sequence[str] = ()) -> T:
     """Merge ``schema <- YAML <- overrides`` and return a validated instance of ``schema``."""
     base = OmegaConf.structured(schema)
@@ -147,6 +175,8 @@ def load_config(schema: type[T], config_path: str | None = None, overrides: Sequ
         layers.append(OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
         raise ConfigError(f"config error: overrides: {_first_line(err)}") from None
+    for layer in layers[1:]:
+        _yaml_booleans_to_choices(schema, layer)
     try:
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)  # runs the dataclasses' __post_init__ checks

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from safetensors.torch import save_file

@@ -262,14 +262,10 @@ def fit(
         os.makedirs(output_dir, exist_ok=True)
         write_text(os.path.join(output_dir, "config.yaml"), config_yaml)
 
+    from sdd.perf import make_optimizer
+
     params = [p for p in method.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=train.lr,
-        betas=(train.adam_beta1, train.adam_beta2),
-        eps=train.adam_eps,
-        weight_decay=train.weight_decay,
-    )
+    optimizer = make_optimizer(params, train)
     # accelerate steps a prepared scheduler once per process per optimizer step
     lr_scheduler = get_scheduler(
         train.lr_scheduler,

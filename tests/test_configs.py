@@ -102,3 +102,11 @@ def test_readme_documents_every_key(schema):
     readme = (ROOT / "README.md").read_text()
     missing = [k for k in _keys(schema) if f"`{k}`" not in readme]
     assert missing == []
+
+
+def test_yaml_no_means_the_choice_no(tmp_path):
+    # YAML 1.1 reads `no` as False; mixed_precision lists 'no' as a choice, so that is what the user meant
+    assert load_config(SDDConfig, None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(SDDConfig, str(path)).train.mixed_precision == "no"

@@ -47,8 +47,28 @@ def latent_shape(base: SDComponents, resolution: int) -> tuple[int, int, int]:
 
 
 def embed(base: SDComponents, texts: Sequence[str]) -> torch.Tensor:
-    """(N, L, D) text embeddings, computed once: the text encoder is frozen in every method here."""
+    """(N, L, D) text embeddings of ``texts`` with the (frozen) text encoder."""
     return encode_prompts(base.tokenizer, base.text_encoder, list(texts))
+
+
+class TextEmbeddings:
+    """A method's fixed prompts: encoded once (the text encoder is frozen), or every call (``cache=False``,
+    what the original code did, kept to measure it)."""
+
+    def __init__(self, base: SDComponents, texts: Sequence[str], cache: bool = True):
+        self.base, self.texts = base, list(texts)
+        self.cached = embed(base, self.texts) if cache else None
+
+    def get(self) -> torch.Tensor:
+        return self.cached if self.cached is not None else embed(self.base, self.texts)
+
+
+def share_frozen(perf) -> bool:
+    """Frozen tensors can be shared between two UNets unless FSDP shards (and so replaces) them."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    return perf.share_frozen and PartialState().distributed_type != DistributedType.FSDP
 
 
 def validation_images(base: SDComponents, unet, prompts: Sequence[str], tracking: TrackingConfig, resolution: int):

@@ -15,7 +15,6 @@ at the grid timestep of the latent it sees (the original script used a DDPM step
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -26,6 +25,7 @@ from sdd.config import ExportConfig, LoraConfig, ModelConfig, TrackingConfig, Tr
 from sdd.export import ModelCard
 from sdd.methods import common
 from sdd.params import configure_trainable
+from sdd.perf import PerfConfig, apply_to_unet, frozen_copy, sampling_autocast
 from sdd.sampling import concept_indices, sample_k, sample_to_k
 
 # --- the math (pure) -----------------------------------------------------------------------------------------
@@ -76,6 +76,7 @@ class ESDConfig:
     esd: ESDSettings = field(default_factory=ESDSettings)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
     def __post_init__(self) -> None:
         check(len(self.concepts) > 0, "concepts", "name at least one concept, e.g. concepts='[nudity]'")
@@ -94,33 +95,49 @@ class ESDMethod:
         self.process_index, self.num_processes = process_index, num_processes
         self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds)
         self.model = self.base.unet
-        self.frozen = copy.deepcopy(self.model).requires_grad_(False).eval()
         finetune = FINETUNE_SETS.get(cfg.finetune, cfg.finetune)
         self.trainable_names = configure_trainable(self.model, finetune, cfg.lora)
         self.model.train()
+        # taken before any step, so it is the original model (LoRA adapters start as the identity)
+        self.frozen = frozen_copy(self.model, common.share_frozen(cfg.perf))
+        apply_to_unet(self.model, cfg.perf, training=True)
+        apply_to_unet(self.frozen, cfg.perf, training=False)
 
         s = cfg.esd
-        embeds = common.embed(self.base, ["", *cfg.concepts])
-        self.c_uncond, self.c_concepts = embeds[:1], embeds[1:]
+        self.texts = common.TextEmbeddings(self.base, ["", *cfg.concepts], cfg.perf.cache_text_embeddings)
         self.scheduler = common.ddim_grid(self.base, s.ddim_steps)
         self.resolution = s.resolution or self.base.default_resolution
         self.latent_shape = common.latent_shape(self.base, self.resolution)
 
+    # the two halves of a step (timed separately by sdd-bench)
+
+    def draw(self, step: int, generator: torch.Generator):
+        """A micro-step's random draws: initial noise z_T, sampling steps k, concept index per latent."""
+        s, batch = self.cfg.esd, self.cfg.train.batch_size
+        z_T = torch.randn((batch, *self.latent_shape), generator=generator)
+        k = sample_k(batch, s.ddim_steps, generator, s.k_distribution, (s.beta_a, s.beta_b))
+        offset = (step * self.num_processes + self.process_index) * batch
+        return z_T, k, concept_indices(s.concept_schedule, len(self.cfg.concepts), batch, offset, generator)
+
+    def sample_latents(self, model, z_T, k, idx):
+        """z_t sampled by the model being trained toward c, its timesteps, c, and the frozen model's target."""
+        s, batch = self.cfg.esd, z_T.shape[0]
+        embeds = self.texts.get()
+        c_uncond, c = embeds[:1], embeds[1:][idx]
+        z_T = z_T.to(c_uncond.device)
+        c_uncond_b = c_uncond.expand(batch, -1, -1)
+        with sampling_autocast(c_uncond.device, self.cfg.perf.teacher_precision):
+            z_t, t = sample_to_k(model, self.scheduler, z_T, c, c_uncond, s.start_guidance, k)
+            with torch.no_grad():
+                eps = self.frozen(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c_uncond_b, c])).sample
+                target = esd_target(eps[:batch].float(), eps[batch:].float(), s.negative_guidance)
+        return z_t.float(), t, c, target
+
     # the loop's interface
 
     def compute_loss(self, model, step: int, generator: torch.Generator):
-        s, batch = self.cfg.esd, self.cfg.train.batch_size
-        device = self.c_uncond.device
-        z_T = torch.randn((batch, *self.latent_shape), generator=generator).to(device)
-        k = sample_k(batch, s.ddim_steps, generator, s.k_distribution, (s.beta_a, s.beta_b))
-        offset = (step * self.num_processes + self.process_index) * batch
-        idx = concept_indices(s.concept_schedule, len(self.cfg.concepts), batch, offset, generator)
-        c = self.c_concepts[idx]
-        c_uncond = self.c_uncond.expand(batch, -1, -1)
-        z_t, t = sample_to_k(model, self.scheduler, z_T, c, self.c_uncond, s.start_guidance, k)
-        with torch.no_grad():
-            eps = self.frozen(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c_uncond, c])).sample
-            target = esd_target(eps[:batch], eps[batch:], s.negative_guidance)
+        z_T, k, idx = self.draw(step, generator)
+        z_t, t, c, target = self.sample_latents(model, z_T, k, idx)
         eps_concept = model(z_t, t, encoder_hidden_states=c).sample
         return esd_loss(eps_concept, target), {"k": k.float().mean().item()}
 

@@ -14,7 +14,6 @@ the released code does for several concepts (see docs/METHODS.md section 1.4).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -25,6 +24,7 @@ from sdd.config import ExportConfig, FinetuneSet, LoraConfig, ModelConfig, Track
 from sdd.export import ModelCard
 from sdd.methods import common
 from sdd.params import configure_trainable
+from sdd.perf import PerfConfig, apply_to_unet, ema_loop_, frozen_copy, sampling_autocast
 from sdd.sampling import concept_indices, sample_k, sample_to_k
 
 # --- the math (pure) -----------------------------------------------------------------------------------------
@@ -77,6 +77,7 @@ class SDDConfig:
     sdd: SDDSettings = field(default_factory=SDDSettings)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
     def __post_init__(self) -> None:
         check(len(self.concepts) > 0, "concepts", "name at least one concept, e.g. concepts='[nudity]'")
@@ -97,7 +98,9 @@ class SDDMethod:
         self.model = self.base.unet
         self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora)
         self.model.train()
-        self.teacher = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.teacher = frozen_copy(self.model, common.share_frozen(cfg.perf))
+        apply_to_unet(self.model, cfg.perf, training=True)
+        apply_to_unet(self.teacher, cfg.perf, training=False)
         teacher_params = dict(self.teacher.named_parameters())
         student_params = dict(self.model.named_parameters())
         self._ema_pairs = (
@@ -111,35 +114,65 @@ class SDDMethod:
         if s.concept_roles == "official":
             student_texts, sampler_texts = sampler_texts, student_texts
         self.student_texts, self.sampler_texts = student_texts, sampler_texts
-        embeds = common.embed(self.base, ["", *student_texts, *sampler_texts])
-        self.c_uncond = embeds[:1]
-        self.c_student = embeds[1 : 1 + len(student_texts)]
-        self.c_sampler = embeds[1 + len(student_texts) :]
+        self.texts = common.TextEmbeddings(self.base, ["", *student_texts, *sampler_texts],
+                                           cfg.perf.cache_text_embeddings)
 
         self.scheduler = common.ddim_grid(self.base, s.ddim_steps)
         self.resolution = s.resolution or self.base.default_resolution
         self.latent_shape = common.latent_shape(self.base, self.resolution)
 
-    # the loop's interface
+    # the two halves of a step (timed separately by sdd-bench)
 
-    def compute_loss(self, model, step: int, generator: torch.Generator):
+    def draw(self, step: int, generator: torch.Generator):
+        """A micro-step's random draws: initial noise z_T, teacher steps k, concept index per latent."""
         s, batch = self.cfg.sdd, self.cfg.train.batch_size
-        device = self.c_uncond.device
-        z_T = torch.randn((batch, *self.latent_shape), generator=generator).to(device)
+        z_T = torch.randn((batch, *self.latent_shape), generator=generator)
         k = sample_k(batch, s.ddim_steps, generator, s.k_distribution, (s.beta_a, s.beta_b))
         offset = (step * self.num_processes + self.process_index) * batch
         n_concepts = max(len(self.student_texts), len(self.sampler_texts))
-        idx = concept_indices(s.concept_schedule, n_concepts, batch, offset, generator)
-        c_p = self.c_sampler[idx % len(self.sampler_texts)]
-        c_s = self.c_student[idx % len(self.student_texts)]
-        z_t, t = sample_to_k(self.teacher, self.scheduler, z_T, c_p, self.c_uncond, s.guidance_scale, k)
-        with torch.no_grad():
-            eps_uncond = model(z_t, t, encoder_hidden_states=self.c_uncond.expand(batch, -1, -1)).sample
-        eps_concept = model(z_t, t, encoder_hidden_states=c_s).sample
-        return sdd_loss(eps_concept, eps_uncond), {"k": k.float().mean().item()}
+        return z_T, k, concept_indices(s.concept_schedule, n_concepts, batch, offset, generator)
+
+    def conditioning(self, idx: torch.Tensor):
+        """(c_uncond, c_p, c_s) for concept indices ``idx``."""
+        embeds = self.texts.get()
+        c_student = embeds[1 : 1 + len(self.student_texts)]
+        c_sampler = embeds[1 + len(self.student_texts) :]
+        return embeds[:1], c_sampler[idx % len(self.sampler_texts)], c_student[idx % len(self.student_texts)]
+
+    def sample_latents(self, z_T, k, idx):
+        """The teacher's latents z_t, their timesteps t, and the conditionings the student needs."""
+        s = self.cfg.sdd
+        c_uncond, c_p, c_s = self.conditioning(idx)
+        z_T = z_T.to(c_uncond.device)
+        with sampling_autocast(c_uncond.device, self.cfg.perf.teacher_precision):
+            z_t, t = sample_to_k(self.teacher, self.scheduler, z_T, c_p, c_uncond, s.guidance_scale, k)
+        return z_t.float(), t, c_uncond, c_s
+
+    def student_loss(self, model, z_t, t, c_uncond, c_s) -> torch.Tensor:
+        """SDD's loss on the student: its concept prediction toward its own unconditional one."""
+        batch = z_t.shape[0]
+        c_uncond = c_uncond.expand(batch, -1, -1)
+        if self.cfg.perf.student_passes == "batched":
+            eps = model(torch.cat([z_t, z_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([c_uncond, c_s]))
+            eps_uncond, eps_concept = eps.sample[:batch].detach(), eps.sample[batch:]
+        else:
+            with torch.no_grad():
+                eps_uncond = model(z_t, t, encoder_hidden_states=c_uncond).sample
+            eps_concept = model(z_t, t, encoder_hidden_states=c_s).sample
+        return sdd_loss(eps_concept, eps_uncond)
+
+    # the loop's interface
+
+    def compute_loss(self, model, step: int, generator: torch.Generator):
+        z_T, k, idx = self.draw(step, generator)
+        z_t, t, c_uncond, c_s = self.sample_latents(z_T, k, idx)
+        return self.student_loss(model, z_t, t, c_uncond, c_s), {"k": k.float().mean().item()}
 
     def after_optimizer_step(self) -> None:
-        ema_update_(*self._ema_pairs, self.cfg.sdd.ema_decay)
+        if self.cfg.perf.ema == "loop":
+            ema_loop_(self.teacher, self.model, self.cfg.sdd.ema_decay)
+        else:
+            ema_update_(*self._ema_pairs, self.cfg.sdd.ema_decay)
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {f"teacher.{n}": p for n, p in zip(self.trainable_names, self._ema_pairs[0])}
