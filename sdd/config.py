@@ -181,13 +181,16 @@ def load_config(schema: type[T], config_path: str | None = None, overrides: Sequ
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)  # runs the dataclasses' __post_init__ checks
     except ConfigKeyError as err:
+        import re
+
         key = err.full_key or "?"
         hint = _first_line(err)
-        did_you_mean = hint.split("Did you mean:")[-1].strip(" ?") if "Did you mean" in hint else ""
+        # OmegaConf: "... Did you mean: 'lr'?" or "... Did you mean one of: 'model', 'method'?"
+        suggestions = re.findall(r"'([^']+)'", hint.split("Did you mean", 1)[1]) if "Did you mean" in hint else []
         msg = f"config error: unknown key '{key}'"
-        if did_you_mean:
+        if suggestions:
             parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
-            msg += f" (did you mean {parent}{did_you_mean.strip(chr(39))!s}?)"
+            msg += f" (did you mean {' or '.join(parent + s for s in suggestions)}?)"
         raise ConfigError(msg) from None
     except MissingMandatoryValue as err:
         raise ConfigError(f"config error: {err.full_key}: a value is required") from None

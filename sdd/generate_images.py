@@ -19,7 +19,7 @@ import json
 import os
 import platform
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 from sdd.config import load_config
 from sdd.errors import UserError, run_main
@@ -88,8 +88,16 @@ def prompt_rows(cfg: GenerateConfig) -> list[dict]:
 
 
 def jobs(cfg: GenerateConfig) -> list[Job]:
+    return make_jobs(prompt_rows(cfg), cfg)
+
+
+def make_jobs(rows: Sequence[dict], cfg: GenerateConfig) -> list[Job]:
+    """One job per (row, image index): image j of row r is ``r:05d_j:02d.png`` with seed ``row seed + j``.
+
+    A row without a seed gets ``cfg.seed + r``; without guidance/size, the config's.
+    """
     out: list[Job] = []
-    for r, row in enumerate(prompt_rows(cfg)):
+    for r, row in enumerate(rows):
         seed = row.get("seed")
         seed = cfg.seed + r if seed is None else int(seed)
         guidance = row.get("guidance_scale")
@@ -103,6 +111,16 @@ def jobs(cfg: GenerateConfig) -> list[Job]:
             )
             out.append(Job(len(out), f"{r:05d}_{j:02d}.png", req, {**row, "row": r, "image_index": j}))
     return out
+
+
+def job_batches(all_jobs: Sequence[Job], batch_size: int) -> list[list[Job]]:
+    """The batches ``sdd.generation.generate`` forms from the whole job list (consecutive jobs of one image size,
+    at most ``batch_size``). An image's pixels depend slightly on the other images of its batch, so handing whole
+    batches of this list to processes makes every image independent of the number of processes."""
+    from sdd.generation import _batches
+
+    return [list(all_jobs[first : first + len(chunk)])
+            for first, chunk in _batches([j.request for j in all_jobs], batch_size)]
 
 
 def read_metadata(out_dir: str) -> dict[str, dict]:
@@ -146,8 +164,12 @@ def check_existing(cfg: GenerateConfig, all_jobs: Sequence[Job], done: dict[str,
 
 
 def generate_jobs(model, todo: Sequence[Job], cfg: GenerateConfig, out_dir: str, shard_file: str,
-                  progress: bool = True) -> int:
-    """Generate and write ``todo``; each image is renamed into place, then its metadata line appended."""
+                  progress: bool = True, skip: Collection[str] = ()) -> int:
+    """Generate and write ``todo``; each image is renamed into place, then its metadata line appended.
+
+    ``model`` is already loaded (and on its device). Images whose file name is in ``skip`` are generated (so the
+    batch is the same as in an uninterrupted run) but not written.
+    """
     from sdd.baselines import describe_method, generate_with_method
 
     method = method_name(cfg)
@@ -158,6 +180,8 @@ def generate_jobs(model, todo: Sequence[Job], cfg: GenerateConfig, out_dir: str,
     def write(first: int, images) -> None:
         with open(shard_file, "a", encoding="utf-8") as meta:
             for job, image in zip(todo[first : first + len(images)], images):
+                if job.file_name in skip:
+                    continue
                 path = os.path.join(out_dir, job.file_name)
                 with atomic_path(path) as tmp:
                     image.save(tmp, format="PNG")
@@ -171,7 +195,7 @@ def generate_jobs(model, todo: Sequence[Job], cfg: GenerateConfig, out_dir: str,
     generate_with_method(model, [j.request for j in todo], method, cfg.concept,
                          num_inference_steps=cfg.num_inference_steps, batch_size=cfg.batch_size,
                          progress=progress, settings=cfg.method_settings, on_batch=write)
-    return len(todo)
+    return sum(job.file_name not in skip for job in todo)
 
 
 def merge_metadata(out_dir: str) -> int:
@@ -185,25 +209,48 @@ def merge_metadata(out_dir: str) -> int:
     return len(ordered)
 
 
-def run(cfg: GenerateConfig, progress: bool = True) -> dict:
+def assign_units(sizes: list[int], num_processes: int) -> list[int]:
+    """The process of each unit of work: in order, to the process with the fewest images so far (ties: the lower
+    index). A pure function of the plan, so every process computes the same assignment without talking.
+    (``unit mod N`` would give process 0 every full batch when each folder ends in a short one.)"""
+    load = [0] * num_processes
+    out = []
+    for size in sizes:
+        rank = min(range(num_processes), key=lambda r: (load[r], r))
+        load[rank] += size
+        out.append(rank)
+    return out
+
+
+def distributed_state():
+    """accelerate's process state; like ``Accelerator``, honour ACCELERATE_USE_CPU, or processes launched on a
+    machine without GPUs would each believe they run alone."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    from sdd.methods.common import load_base
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
+
+def run(cfg: GenerateConfig, progress: bool = True) -> dict:
     from sdd.baselines import describe_method
+    from sdd.methods.common import load_base
 
     settings = describe_method(method_name(cfg), cfg.concept, cfg.method_settings)
     all_jobs = jobs(cfg)
-    state = PartialState()
+    state = distributed_state()
     os.makedirs(cfg.out, exist_ok=True)
     done = read_metadata(cfg.out)
     check_existing(cfg, all_jobs, done, settings)
-    mine = [j for j in all_jobs if j.index % state.num_processes == state.process_index]
-    todo = [j for j in mine if j.file_name not in done]
+    # whole batches go to processes: an image's pixels depend (slightly) on its batch, so the same batches,
+    # whatever the number of processes, give the same images; a batch with a missing image is redone whole
+    batches = job_batches(all_jobs, cfg.batch_size)
+    owners = assign_units([len(b) for b in batches], state.num_processes)
+    todo = [j for b, owner in zip(batches, owners) if owner == state.process_index
+            and any(j.file_name not in done for j in b) for j in b]
     if todo:
         model = load_base(cfg.model, None, state.device, cfg.learned_embeds)
         shard = os.path.join(cfg.out, f"metadata.rank{state.process_index}.jsonl")
-        generate_jobs(model, todo, cfg, cfg.out, shard, progress=progress and state.is_main_process)
+        generate_jobs(model, todo, cfg, cfg.out, shard, progress=progress and state.is_main_process, skip=done)
     state.wait_for_everyone()
     summary = {"images": len(all_jobs), "generated": 0, "skipped": 0}
     if state.is_main_process:

@@ -9,11 +9,12 @@ import pytest
 from conftest import ROOT
 from sdd.config import load_config
 from sdd.errors import run_main
+from sdd.eval.schema import EvalConfig
 from sdd.methods.esd import ESDConfig
 from sdd.methods.sdd import SDDConfig
 from sdd.shapes.train import ShapesBaseConfig
 
-SCHEMAS = {"sdd": SDDConfig, "esd": ESDConfig, "shapes": ShapesBaseConfig}
+SCHEMAS = {"sdd": SDDConfig, "esd": ESDConfig, "shapes": ShapesBaseConfig, "eval": EvalConfig}
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
