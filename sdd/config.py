@@ -226,6 +226,10 @@ def parse_args(schema: type[T], argv: Sequence[str] | None, description: str) ->
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-5 concepts='[nudity]'")
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
+    if args.resume is not None and "=" in args.resume and not os.path.isdir(args.resume):
+        # `--resume train.steps=6000`: argparse hands the override to --resume; it is an override, resume latest
+        overrides.append(args.resume)
+        args.resume = "latest"
     if args.resume is not None:
         overrides.append(f"train.resume={args.resume}")
     return load_config(schema, args.config, overrides)

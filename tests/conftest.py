@@ -63,3 +63,24 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def run_command(cmd, *, env=None, timeout=600, cwd=None):
+    """Run a command line to its end and return (returncode, stdout, stderr).
+
+    The child gets its own session, so on timeout the whole process group (accelerate launch and the workers it
+    started, which hold the output pipes) is killed and the test fails with the output so far, instead of waiting
+    forever on pipes that a surviving grandchild keeps open.
+    """
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{out[-2000:]}\n{err[-3000:]}")
+    return proc.returncode, out, err

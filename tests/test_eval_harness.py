@@ -12,12 +12,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_command
 from PIL import Image
 
-from conftest import ROOT
 from sdd.errors import run_main
 from sdd.eval import aggregate as agg
-from sdd.eval.harness import main, parse, run
+from sdd.eval.harness import main
 from sdd.eval.suites import EntryImages, aggregate_coco, aggregate_i2p, aggregate_nudity
 from sdd.stats import bootstrap_ci
 
@@ -317,7 +317,8 @@ def test_tracking_gets_the_tables_numbers_and_grids(first_run, sdd_export, refer
     assert scalars["i2p/by_category/violence/SD"] == \
         report["suites"]["i2p"]["tables"][0]["results"]["SD"]["violence"]["value"]
     assert "coco/lpips/SDD" in scalars and "coco/lpips/SD" not in scalars  # the base entry has no LPIPS
-    assert logged["images"] == ["nudity/grid", "i2p/grid", "coco/grid"] and logged["finished"]
+    assert logged["images"] == ["nudity/grid", "nudity/tradeoff", "i2p/grid", "i2p/tradeoff", "coco/grid"]
+    assert logged["finished"]
 
 
 def test_wandb_offline_run_is_written(first_run, sdd_export, reference_dir, tmp_path, monkeypatch):
@@ -343,37 +344,6 @@ def test_a_lost_image_is_regenerated_bit_for_bit(first_run, sdd_export, referenc
     assert again["run"]["images_generated"] == 1
     assert lost.read_bytes() == before  # its batch was generated again whole, so the same pixels
     assert comparable(again) == comparable(report)
-
-
-def test_two_processes_give_the_one_process_report_and_generate_each_image_once(
-        first_run, sdd_export, reference_dir, tmp_path, monkeypatch, one_thread):
-    from accelerate import debug_launcher
-    from accelerate.state import PartialState
-
-    _, report = first_run
-    out = tmp_path / "two"
-    spy = Spy(tmp_path / "calls.jsonl", monkeypatch)
-    args = tiny_args(out, sdd_export, reference_dir)
-    PartialState._reset_state()  # the children are forked: they must not inherit a 1-process state
-
-    def job():
-        torch.set_num_threads(1)
-        run(parse(args), progress=False)
-
-    debug_launcher(job, num_processes=2)
-    two = json.loads((out / "report.json").read_text())
-    assert two["run"]["machine"]["processes"] == 2
-    assert all(p["generated"] > 0 and p["scored"] > 0 for p in two["run"]["per_process"])  # both worked
-    assert comparable(two) == comparable(report)
-    calls = spy.calls()
-    assert len({c["pid"] for c in calls}) == 2
-    keys = [(c["model"], c["method"], c["prompt"], c["seed"]) for c in calls]
-    # the three entries differ in model or method, so each image is one key: each generated exactly once
-    assert len(keys) == len(set(keys)) == report["run"]["images_generated"]
-    for label in ("SD", "SDD", "SLD-max"):
-        lines = (out / "images" / label / "i2p" / "metadata.jsonl").read_text().splitlines()
-        assert sorted(json.loads(x)["file_name"] for x in lines) == \
-            [f"{r:05d}_{j:02d}.png" for r in range(3) for j in range(2)]
 
 
 # ------------------------------------------------------------------------------------------------- shapes
@@ -484,22 +454,20 @@ def test_every_config_key_is_documented():
 
 
 def test_the_module_reports_a_user_error_without_traceback(tmp_path):
-    import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "sdd.eval.harness", "--config", TINY, f"out={tmp_path}/o",
-                           "generation.num_inference_stepz=2"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: config error: unknown key 'generation.num_inference_stepz' "
-                                   "(did you mean generation.num_inference_steps?)")
+    code, _, stderr = run_command([sys.executable, "-m", "sdd.eval.harness", "--config", TINY, f"out={tmp_path}/o",
+                                   "generation.num_inference_stepz=2"], timeout=120,
+                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert code == 2
+    assert stderr.strip() == ("error: config error: unknown key 'generation.num_inference_stepz' "
+                              "(did you mean generation.num_inference_steps?)")
 
 
 @pytest.mark.slow
 def test_accelerate_launch_with_two_processes_gives_the_same_report(first_run, sdd_export, reference_dir, tmp_path):
     """The real command line: `accelerate launch` with two CPU processes (gloo), as in the README."""
     import socket
-    import subprocess
     import sys
 
     _, report = first_run
@@ -511,10 +479,16 @@ def test_accelerate_launch_with_two_processes_gives_the_same_report(first_run, s
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(port), "-m", "sdd.eval.harness", *tiny_args(out, sdd_export, reference_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, stdout, stderr = run_command(cmd, env=env, timeout=600)
+    assert code == 0, stderr[-3000:]
     two = json.loads((out / "report.json").read_text())
     assert two["run"]["machine"]["processes"] == 2 and len(two["run"]["per_process"]) == 2
+    assert all(p["generated"] > 0 and p["scored"] > 0 for p in two["run"]["per_process"])  # both worked
+    # each image generated once: the shares add up to the one-process count, and every file is there once
     assert sum(p["generated"] for p in two["run"]["per_process"]) == report["run"]["images_generated"]
+    for label in ("SD", "SDD", "SLD-max"):
+        lines = (out / "images" / label / "i2p" / "metadata.jsonl").read_text().splitlines()
+        assert sorted(json.loads(x)["file_name"] for x in lines) == \
+            [f"{r:05d}_{j:02d}.png" for r in range(3) for j in range(2)]
     assert comparable(two) == comparable(report)
-    assert proc.stdout.count("report: ") == 1  # printed by the main process only
+    assert stdout.count("report: ") == 1  # printed by the main process only

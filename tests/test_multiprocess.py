@@ -3,12 +3,10 @@
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
-
-from conftest import ROOT
+from conftest import ROOT, run_command
 
 
 def free_port():
@@ -28,12 +26,12 @@ def test_two_processes_keep_identical_parameters(tmp_path):
         str(ROOT / "train/train_sdd.py"), "--config", str(ROOT / "configs/sdd/tiny.yaml"), f"output_dir={out}",
         "train.steps=4", "train.checkpoint_every=2", "sdd.ddim_steps=4", "tracking.num_inference_steps=2",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, stdout, stderr = run_command(cmd, env=env, timeout=300)
+    assert code == 0, stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["num_processes"] == 2
     assert len(summary["param_checksums"]) == 2
     assert summary["param_checksums"][0] == summary["param_checksums"][1]
-    assert "parameters identical on all: True" in proc.stdout
+    assert "parameters identical on all: True" in stdout
     # both processes wrote their RNG state into each checkpoint
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(out / "checkpoints" / "step-000004"))
