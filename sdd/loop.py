@@ -169,7 +169,8 @@ def _register_checkpoint_hooks(accelerator, method: Method) -> list:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        return [accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)]
+        return [accelerator.register_save_state_pre_hook(save_hook),
+                accelerator.register_load_state_pre_hook(load_hook)]
     # FSDP / DeepSpeed save sharded model weights themselves; keep only the method's extra state
     return [
         accelerator.register_save_state_pre_hook(lambda models, weights, d: save_hook([], [], d)),

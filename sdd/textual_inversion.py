@@ -7,6 +7,8 @@ File format: ``{token: (D,) or (1, D) tensor}``, the format diffusers' textual-i
 from __future__ import annotations
 
 import os
+import re
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -42,7 +44,8 @@ def add_tokens(tokenizer, text_encoder, embeds: dict[str, torch.Tensor]) -> list
             raise UserError(f"learned_embeds: token {token} is already in the tokenizer's vocabulary")
         tokenizer.add_tokens([token])
         ids.append(tokenizer.convert_tokens_to_ids(token))
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    # mean_resizing=False: every new row is overwritten just below, so skip transformers' covariance sampling
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     table = text_encoder.get_input_embeddings()
     with torch.no_grad():
         for token_id, emb in zip(ids, embeds.values()):
@@ -54,3 +57,22 @@ def load_learned_embeds(components, path: str) -> list[str]:
     embeds = read_learned_embeds(path)
     add_tokens(components.tokenizer, components.text_encoder, embeds)
     return list(embeds)
+
+
+PLACEHOLDER_RE = re.compile(r"<[^<>\s]+>")
+
+
+def check_placeholders(tokenizer, texts: Sequence[str]) -> None:
+    """Refuse a text that names a learned token (``<red-hf>``) the tokenizer does not hold.
+
+    Without its ``learned_embeds`` file such a token is split into ``<``, ``red``, ``-``, ``hf``, ``>`` and the
+    method would silently erase (or steer away from) something else.
+    """
+    vocab = tokenizer.get_vocab()
+    for text in texts:
+        for token in PLACEHOLDER_RE.findall(text):
+            if token not in vocab and token.lower() not in vocab:
+                raise UserError(
+                    f"'{text}' names the token {token}, which this tokenizer does not hold: load the file that "
+                    "defines it with learned_embeds=PATH (sdd-generate: --learned-embeds PATH)"
+                )

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import ROOT, load_script
 from diffusers import StableDiffusionPipeline
 
-from conftest import ROOT, load_script
 from sdd.config import load_config, to_dict, to_yaml
 from sdd.loop import fit, make_accelerator
 from sdd.methods.esd import ESDConfig, ESDMethod, esd_loss, esd_target

@@ -15,11 +15,11 @@ from sdd.eval.clip import tiny_clip
 from sdd.eval.detectors import (
     NUDENET_LABELS,
     NUDENET_PRESETS,
+    Q16,
     AnyOf,
     ConceptDetector,
     Detection,
     NudeNet,
-    Q16,
     i2p_detector,
     load_q16_prompts,
     q16_probs,

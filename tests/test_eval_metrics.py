@@ -213,7 +213,8 @@ def test_models_load_from_a_folder_and_a_bad_path_is_one_line(tmp_path, clip, im
     assert torch.allclose(loaded.image_embeds(images[:2]), clip.image_embeds(images[:2]), atol=1e-6)
     assert ClipScore.from_pretrained(str(folder))(images[:1], ["a cat"]).shape == (1,)
     np.save(tmp_path / "q16.npy", np.zeros((2, 16), np.float32) + np.eye(2, 16, dtype=np.float32))
-    assert "from " + str(tmp_path / "q16.npy") in Q16.from_pretrained(str(tmp_path / "q16.npy"), str(folder)).criterion()
+    q16 = Q16.from_pretrained(str(tmp_path / "q16.npy"), str(folder))
+    assert "from " + str(tmp_path / "q16.npy") in q16.criterion()
     with pytest.raises(UserError) as err:
         ClipEncoder.from_pretrained(str(tmp_path / "no-such-model"))
     assert str(err.value) == f"CLIP model '{tmp_path / 'no-such-model'}': no such model folder"

@@ -185,7 +185,8 @@ def test_paths_outside_the_image_folder_are_refused(images, tmp_path):
 def test_metadata_rows_outside_the_folder_or_missing_are_refused(images, tmp_path, file_name, words):
     Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
     os.symlink(tmp_path / "x.png", os.path.join(images, "images", "link.png"))
-    rows = [{"file_name": "images/0000.png", "prompt": "p", "seed": 0}, {"file_name": file_name, "prompt": "p", "seed": 1}]
+    rows = [{"file_name": "images/0000.png", "prompt": "p", "seed": 0},
+            {"file_name": file_name, "prompt": "p", "seed": 1}]
     write_metadata(images, rows)
     with pytest.raises(UserError, match=f"line 2: .*{words}"):
         load_items(images)

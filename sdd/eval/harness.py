@@ -7,7 +7,9 @@
 For every entry x suite: **generate** with ``sdd.generate_images`` into ``OUT/images/<entry>/<suite>/`` (a
 ``datasets`` image folder; images already there are skipped), **score** every image once (results cached beside the
 images in ``scores.jsonl``, see ``sdd.eval.store``), then **aggregate** (``sdd.eval.suites``) and write
-``OUT/report.json``, ``OUT/report.md`` and ``OUT/grids/<suite>.png``.
+``OUT/report.json``, ``OUT/report.md``, ``OUT/grids/<suite>.png`` (the same prompts and seeds for every entry) and
+``OUT/plots/<suite>.png`` (erased rate against retention, ``sdd.eval.plots``). ``tables`` lays the suites' numbers
+out as a paper's tables (``sdd.eval.tables``); an entry whose model is null is listed there, not run.
 
 Under ``accelerate launch`` the work is cut into batches of the whole run (``generation.batch_size`` images,
 ``metrics.batch_size`` for scoring), each handed whole to one process (``assign_units``); the main process merges
@@ -119,6 +121,8 @@ def check_inputs(cfg: EvalConfig) -> None:
             describe_method(e.method, e.concept, e.method_settings)
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
+        if e.model is None:  # not given: listed in the tables, not run
+            continue
         _check_model(f"{where}.model", e.model)
         _check_file(f"{where}.learned_embeds", e.learned_embeds)
     m = cfg.metrics
@@ -139,6 +143,12 @@ def check_inputs(cfg: EvalConfig) -> None:
             raise UserError(f"metrics.lpips_weights: {m.lpips_weights} must be a .safetensors file")
         if cfg.coco.reference_dir:
             image_files(cfg.coco.reference_dir)
+    if cfg.report.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("report.plots: matplotlib is not installed (pip install -e '.[eval]'), or set "
+                            "report.plots=false") from None
 
 
 # ----------------------------------------------------------------------------------------------------- plan
@@ -160,6 +170,8 @@ def make_plan(cfg: EvalConfig) -> Plan:
         rows[name] = [{**r, "dtype": cfg.generation.dtype} for r in rows[name]]
     folders = []
     for entry in cfg.entries:
+        if entry.model is None:
+            continue
         for name in cfg.suites:
             path = os.path.join(cfg.out, "images", entry.label, name)
             gcfg = generate_config(cfg, entry, SUITES[name].images_per_prompt(cfg), path)
@@ -187,7 +199,7 @@ def _check_folder(folder: Folder, done: dict[str, dict]) -> None:
     try:
         check_existing(folder.gcfg, folder.jobs, done, settings)
     except UserError as err:
-        raise UserError(str(err).replace("choose another --out", "choose another out= or remove the folder"))
+        raise UserError(str(err).replace("choose another --out", "choose another out= or remove the folder")) from None
     for job in folder.jobs:
         record = done.get(job.file_name)
         if record is not None and record.get("dtype", "fp32") != job.row["dtype"]:
@@ -414,8 +426,9 @@ def draw_grids(plan: Plan, data: dict[str, list[EntryImages]]) -> dict[str, str]
                     flagged = flags.get(f.jobs[i].file_name, {}).get("flag", False)
                     line.append(blur(image) if flagged and cfg.report.blur_flagged else image)
                 lines.append(line)
-            picture = labelled_grid([f.entry.label for f in folders], lines, cfg.report.grid_tile,
-                                    [folders[0].jobs[i].request.prompt for i in picks])
+            captions = [job.request.prompt if job.row["image_index"] == 0 else f"seed +{job.row['image_index']}"
+                        for job in (folders[0].jobs[i] for i in picks)]
+            picture = labelled_grid([f.entry.label for f in folders], lines, cfg.report.grid_tile, captions)
         rel = os.path.join("grids", f"{name}.png")
         with atomic_path(os.path.join(cfg.out, rel)) as tmp:
             picture.save(tmp, format="PNG")
@@ -423,9 +436,41 @@ def draw_grids(plan: Plan, data: dict[str, list[EntryImages]]) -> dict[str, str]
     return out
 
 
+def not_run(cfg: EvalConfig) -> dict[str, str]:
+    """label -> why an entry was not run (its model is null), naming the paths keys that are null."""
+    unset = [f"paths.{k}" for k, v in cfg.paths.items() if v is None]
+    hint = f"; set {' or '.join(unset)}" if unset else ""
+    return {e.label: f"not run: no model given for {e.label}{hint}" for e in cfg.entries if e.model is None}
+
+
+def missing_columns(cfg: EvalConfig) -> dict[tuple[str, str], str]:
+    """(suite, metric) -> why this run has no such number although the suite ran."""
+    out = {}
+    if not cfg.coco.reference_dir:
+        out[("coco", "fid")] = "not computed: coco.reference_dir is not set (real images for FID)"
+    if not cfg.metrics.lpips_weights:
+        out[("coco", "lpips")] = "not computed: metrics.lpips_weights is not set"
+    return out
+
+
+def draw_plots(cfg: EvalConfig, suites: dict, labels: list[str]) -> dict[str, str]:
+    """One trade-off figure per erasure suite (``sdd.eval.plots``); paths relative to OUT."""
+    from sdd.eval import plots
+
+    out = {}
+    for name in cfg.suites:
+        figure = plots.panels(name, suites, labels)
+        if figure:
+            rel = os.path.join("plots", f"{name}.png")
+            plots.draw(figure, f"{cfg.report.title}: {name}", os.path.join(cfg.out, rel), labels)
+            out[name] = rel
+    return out
+
+
 def build_report(plan: Plan, state, timings: dict, counts: dict) -> dict:
     from sdd.baselines import describe_method
     from sdd.eval.report import machine, package_versions
+    from sdd.eval.tables import build_table
 
     cfg = plan.cfg
     models = Models(state.device)
@@ -446,6 +491,7 @@ def build_report(plan: Plan, state, timings: dict, counts: dict) -> dict:
         crit: dict[str, str] = {}
         for spec in plan.specs[name]:
             crit.update(criteria(plan, spec, models))
+        crit.update(section.get("criteria", {}))
         suites[name] = {
             "title": suite.title,
             "prompts": suite.describe(cfg, plan.rows[name]),
@@ -454,10 +500,18 @@ def build_report(plan: Plan, state, timings: dict, counts: dict) -> dict:
             "results": section["results"],
             "tables": section.get("tables", []),
             "notes": section.get("notes", []),
-            "figures": [{"title": f"{name}: the same prompts and seeds for every entry", "path": grids[name]}]
-            if name in grids else [],
+            "figures": [{"title": f"{name}: the same prompts and seeds for every entry", "path": grids[name],
+                         "key": "grid"}] if name in grids else [],
             "folders": {f.entry.label: os.path.relpath(f.path, cfg.out) for f in plan.folders if f.suite == name},
         }
+    run_labels = [e.label for e in cfg.entries if e.model is not None]
+    if cfg.report.plots:
+        for name, rel in draw_plots(cfg, suites, run_labels).items():
+            suites[name]["figures"].append({"title": f"{name}: erased rate against retention, one point per entry "
+                                                     "(bars: 95 % interval; expected max: ± std)", "path": rel,
+                                            "key": "tradeoff"})
+    tables = [build_table(dataclasses.asdict(t), suites, [e.label for e in cfg.entries], not_run(cfg),
+                          missing_columns(cfg)) for t in cfg.tables]
     g = cfg.generation
     generation = {
         "num_inference_steps": g.num_inference_steps,
@@ -477,8 +531,10 @@ def build_report(plan: Plan, state, timings: dict, counts: dict) -> dict:
         "smoke": smoke_notes(cfg),
         "entries": [{"label": e.label, "model": e.model, "method": e.method, "concept": e.concept,
                      "learned_embeds": e.learned_embeds,
-                     "method_settings": describe_method(e.method, e.concept, e.method_settings)}
+                     "method_settings": describe_method(e.method, e.concept, e.method_settings),
+                     **({"not_run": not_run(cfg)[e.label]} if e.model is None else {})}
                     for e in cfg.entries],
+        "tables": tables,
         "suites": suites,
         "generation": generation,
         "statistics": {"interval": "percentile bootstrap over prompts (sdd.stats.bootstrap_ci)",
@@ -519,11 +575,18 @@ def track(cfg: EvalConfig, report: dict) -> None:
                 for col, summary in row.items():
                     if summary.get("n", 0):
                         scalars[f"{name}/{table['name']}/{col}/{label}"] = summary["value"]
+                        if "std" in summary:
+                            scalars[f"{name}/{table['name']}/{col}/{label}/std"] = summary["std"]
+    for table in report.get("tables", []):
+        for label, line in table["cells"].items():
+            for key, cell in line.items():
+                if cell["summary"] is not None:
+                    scalars[f"tables/{table['name']}/{key}/{label}"] = cell["summary"]["value"]
     tracker.log_scalars(scalars, step=0)
     for name, suite in report["suites"].items():
         for fig in suite["figures"]:
             with Image.open(os.path.join(cfg.out, fig["path"])) as im:
-                tracker.log_images(f"{name}/grid", [im.convert("RGB")], [fig["title"]], step=0)
+                tracker.log_images(f"{name}/{fig.get('key', 'grid')}", [im.convert("RGB")], [fig["title"]], step=0)
     tracker.finish()
 
 

@@ -1,9 +1,10 @@
 """What an evaluation writes for people: ``report.md`` (rendered from ``report.json``), example grids, versions.
 
 ``render_markdown`` takes the report dict and nothing else, so the Markdown can always be rebuilt from the JSON.
-Per suite it prints the main table (entries as rows), then every extra table of the suite (``tables``: per I2P
-category, ...), the exact criterion of every detector and metric, notes, and the suite's figures (``figures``:
-the example grid; later plots go in the same list).
+First the tables in a paper's layout (``report["tables"]``, ``sdd.eval.tables``: every cell a number or why there
+is none). Then per suite the main table (entries as rows), every extra table of the suite (``tables``: per I2P
+category, SLD's expected maximum, ...), the exact criterion of every detector and metric, notes, and the suite's
+figures (``figures``: the example grid, the trade-off plot).
 """
 
 from __future__ import annotations
@@ -111,8 +112,37 @@ def _setting(value) -> str:
     return "`" + str(value).replace("`", "'") + "`"
 
 
+def paper_table(table: dict) -> str:
+    """A ``report["tables"]`` item: entries as rows, the paper's columns. A table split by I2P categories prints
+    one block per paper column (its heading in bold), the categories as that block's columns. A cell without a
+    number reads ``– [i]``, and note [i] under the table says why (each reason once)."""
+    reasons: dict[str, int] = {}
+
+    def text(cell: dict) -> str:
+        if cell["summary"] is not None:
+            return cell["text"]
+        return f"– [{reasons.setdefault(cell['reason'], len(reasons) + 1)}]"
+
+    def block(columns, headers):
+        lines = [[label, *[text(table["cells"][label][c["key"]]) for c in columns]] for label in table["rows"]]
+        return md_table(["method", *headers], lines)
+
+    out = []
+    if not table.get("categories"):
+        out += [block(table["columns"], [c["header"] for c in table["columns"]]), ""]
+    else:
+        groups: dict[tuple, list[dict]] = {}
+        for c in table["columns"]:
+            groups.setdefault((c["suite"], c["metric"]), []).append(c)
+        for columns in groups.values():
+            heading = columns[0]["header"].rsplit(": ", 1)[0]
+            out += [f"**{heading}**", "", block(columns, [c["category"] for c in columns]), ""]
+    out += [f"[{i}] {reason}  " for reason, i in reasons.items()]
+    return "\n".join(out).rstrip()
+
+
 def render_markdown(report: dict) -> str:
-    labels = [e["label"] for e in report["entries"]]
+    labels = [e["label"] for e in report["entries"] if "not_run" not in e]
     out = [f"# {report['title']}", ""]
     if report.get("smoke"):
         out += ["> **Smoke run: the numbers below mean nothing.** " + " ".join(report["smoke"]), ""]
@@ -121,10 +151,17 @@ def render_markdown(report: dict) -> str:
             f"prompts ({stats['n_resamples']} resamples, seed {stats['seed']}); FID has no interval.", ""]
     out += ["## Entries", ""]
     out.append(md_table(["entry", "model", "method", "settings"],
-                        [[e["label"], _setting(e["model"]), e["method"],
+                        [[e["label"], _setting(e["model"]) if "not_run" not in e else e["not_run"], e["method"],
                           ", ".join(f"{k}={_setting(v)}" for k, v in e["method_settings"].items() if k != "method")
                           or "-"] for e in report["entries"]]))
     out.append("")
+    if report.get("tables"):
+        out += ["## Tables", "",
+                "In the papers' layout: rates in %, expected maximum inappropriateness as % mean ± std, CLIP score "
+                "and LPIPS as means, FID one number; intervals and criteria in the suite sections below. A cell "
+                "without a number says why.", ""]
+        for table in report["tables"]:
+            out += [f"### {table['title']}", "", paper_table(table), ""]
     for name, suite in report["suites"].items():
         out += [f"## {name}: {suite['title']}", ""]
         prompts = suite["prompts"]

@@ -8,10 +8,10 @@ line (``entries[1].model=...`` is refused): give the whole list, or use ``paths`
 | key | default | meaning |
 |---|---|---|
 | `out` | `outputs/eval` | run folder: `images/<entry>/<suite>/`, `report.json`, `report.md`, `grids/`, `cache/` |
-| `paths` | `{}` | named paths for `${paths.NAME}` interpolation (model exports, weight files, image folders) |
+| `paths` | `{}` | named paths for `${paths.NAME}` interpolation (model exports, weight files, image folders); null: not given |
 | `entries` | `[]` | what is evaluated, one table row each (at least one): |
 | `entries[].label` | required | row name and folder name (letters, digits, `. _ + -`), unique |
-| `entries[].model` | `tiny` | `tiny`, `shapes`, a diffusers folder (an SDD/ESD export's `pipeline/`), a hub id |
+| `entries[].model` | `tiny` | `tiny`, `shapes`, a diffusers folder (an SDD/ESD export's `pipeline/`), a hub id; null: not given (the row is listed, not run, and its table cells say so) |
 | `entries[].method` | `sd` | `sd`, `neg`, `sld-weak`, `sld-medium`, `sld-strong`, `sld-max`, `sega` |
 | `entries[].concept` | `null` | text `neg`/SLD/SEGA steer away from; null: SLD's 20-concept safety text |
 | `entries[].learned_embeds` | `null` | a `learned_embeds.safetensors` whose token the concept may use |
@@ -27,8 +27,11 @@ line (``entries[1].model=...`` is refused): give the whole list, or use ``paths`
 | `i2p.categories` | `[]` | keep prompts carrying any of these I2P categories (empty: all) |
 | `i2p.start` / `i2p.limit` | `0` / `null` | the slice of rows (after the category filter) |
 | `i2p.images_per_prompt` | `10` | image j of a row has seed `row seed + j` |
+| `i2p.per_category` | `null` | keep the first N rows of each category (of `i2p.categories`, else all seven), in CSV order |
 | `i2p.guidance_scale` | `null` | CFG for every row; null: the CSV's column (I2P's `sd_guidance_scale`) |
 | `i2p.csv_sizes` | `false` | use the CSV's width/height columns (I2P has them), not `generation.height/width` |
+| `i2p.expected_max_prompts` | `25` | SLD's expected max. inappropriateness: prompts per draw (a category with fewer: all) |
+| `i2p.expected_max_bootstrap` | `0` | also the official estimate from this many seeded draws (`stats.seed`; SLD: 10000); 0: exact only |
 | `nudity.prompts` | `country_body` | the 50 "<country> body" prompts, or any CSV |
 | `nudity.images_per_prompt` | `100` | 50 prompts x 100 = the 5000 images of SDD's protocol |
 | `nudity.start`, `nudity.limit`, `nudity.guidance_scale`, `nudity.csv_sizes` | `0`, `null`, `null`, `false` | as i2p |
@@ -51,8 +54,19 @@ line (``entries[1].model=...`` is refused): give the whole list, or use ``paths`
 | `metrics.batch_size` | `16` | images per scoring batch; the unit of work handed to processes |
 | `stats.n_resamples` / `stats.seed` / `stats.confidence` | `1000` / `0` / `0.95` | bootstrap over prompts |
 | `report.title` | `Concept-erasure evaluation` | heading of `report.md` |
-| `report.grid_prompts` / `report.grid_tile` | `8` / `128` | grids: image 0 of the first N prompts; pixels per tile |
+| `report.grid_prompts` / `report.grid_tile` | `8` / `128` | grids: images of the first N prompts; pixels per tile |
+| `report.grid_seeds` | `1` | grids: images 0..N-1 (seeds row seed + j) of each of those prompts, side by side |
 | `report.blur_flagged` | `true` | blur images a detector flagged (`i2p`, `nudity`) in the grids |
+| `report.plots` | `true` | trade-off plots per suite (erased rate against retention, `plots/<suite>.png`; needs matplotlib) |
+| `tables` | `[]` | tables in a paper's layout, rows = entries, built from the suites' numbers: |
+| `tables[].name` | required | id: file and W&B key (letters, digits, `_ -`) |
+| `tables[].title` | `""` | heading (e.g. the paper and table number) |
+| `tables[].rows` | `[]` | entry labels, in order; empty: every entry |
+| `tables[].categories` | `[]` | I2P categories (and `overall`): every column repeated per category; empty: no split |
+| `tables[].columns` | required | the paper's columns, in order: |
+| `tables[].columns[].suite` | required | the suite the number comes from (`i2p`, `nudity`, `coco`, `shapes`) |
+| `tables[].columns[].metric` | required | its metric: i2p `inappropriate`, `expected_max`, `q16`, `nudenet`; nudity `nude`; coco `fid`, `lpips`, `clip_score`; shapes `erased_rate`, `bare_rate`, `kept`, `retention_colour`, `retention_shape` |
+| `tables[].columns[].header` | `null` | column heading (null: the suite's own) |
 | `tracking.tracker` | `none` | `wandb`, `tensorboard` or `none`: log the tables' numbers and the grids |
 | `tracking.project` / `tracking.run_name` | `concept-erasure` / `null` | tracker project and run name |
 
@@ -79,7 +93,7 @@ LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # a label is a folder name
 @dataclass
 class EntryConfig:
     label: str = MISSING  # row name in the tables and folder name under OUT/images/
-    model: str = "tiny"  # 'tiny', 'shapes', a diffusers folder (e.g. an SDD/ESD export) or a hub id
+    model: Optional[str] = "tiny"  # 'tiny', 'shapes', a diffusers folder or a hub id; null: not given, not run
     method: str = "sd"  # sd, neg, sld-weak, sld-medium, sld-strong, sld-max, sega
     concept: Optional[str] = None  # text the baseline steers away from; null: SLD's 20-concept safety text
     learned_embeds: Optional[str] = None  # a learned_embeds.safetensors whose token(s) the concept may use
@@ -121,9 +135,16 @@ class I2PConfig(PromptSuiteConfig):
     prompts: str = "i2p"
     images_per_prompt: int = 10
     categories: list[str] = field(default_factory=list)  # keep prompts with any of these; empty: all
+    per_category: Optional[int] = None  # the first N rows of each category; null: every row
+    expected_max_prompts: int = 25  # SLD's expected max. inappropriateness: prompts per draw
+    expected_max_bootstrap: int = 0  # also the official bootstrap estimate with this many draws; 0: exact only
 
     def __post_init__(self) -> None:
         self._check("i2p")
+        check(self.per_category is None or self.per_category >= 1, "i2p.per_category",
+              f"must be >= 1 or null, got {self.per_category}")
+        check(self.expected_max_prompts >= 1, "i2p.expected_max_prompts", "must be >= 1")
+        check(self.expected_max_bootstrap >= 0, "i2p.expected_max_bootstrap", "must be >= 0 (0: exact value only)")
 
 
 @dataclass
@@ -193,11 +214,44 @@ class ReportConfig:
     title: str = "Concept-erasure evaluation"
     grid_prompts: int = 8  # columns of the example grids: image 0 of the first N prompts
     grid_tile: int = 128  # pixels per image in the grids
+    grid_seeds: int = 1  # images 0..N-1 of each grid prompt, side by side
     blur_flagged: bool = True  # blur images a detector flagged (I2P, nudity) in the grids
+    plots: bool = True  # trade-off plots per suite (matplotlib)
 
     def __post_init__(self) -> None:
         check(self.grid_prompts >= 0, "report.grid_prompts", "must be >= 0")
         check(self.grid_tile >= 16, "report.grid_tile", "must be >= 16")
+        check(self.grid_seeds >= 1, "report.grid_seeds", "must be >= 1")
+
+
+# The metrics a table column may name, per suite (what each suite's aggregation reports).
+SUITE_METRICS = {
+    "i2p": ("inappropriate", "expected_max", "q16", "nudenet"),
+    "nudity": ("nude",),
+    "coco": ("fid", "lpips", "clip_score"),
+    "shapes": ("erased_rate", "bare_rate", "kept", "retention_colour", "retention_shape"),
+}
+I2P_CATEGORIES = ("hate", "harassment", "violence", "self-harm", "sexual", "shocking", "illegal activity")
+OVERALL = "overall"  # the category of a table column over all prompts
+TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+@dataclass
+class TableColumnConfig:
+    suite: str = MISSING  # i2p, nudity, coco, shapes
+    metric: str = MISSING  # one of SUITE_METRICS[suite]
+    header: Optional[str] = None  # null: the suite's own column title
+
+
+@dataclass
+class TableConfig:
+    """A table in a paper's layout: entries as rows, the paper's columns, repeated per I2P category if asked."""
+
+    name: str = MISSING
+    title: str = ""
+    rows: list[str] = field(default_factory=list)  # entry labels in order; empty: every entry
+    categories: list[str] = field(default_factory=list)  # I2P categories and/or 'overall'; empty: no split
+    columns: list[TableColumnConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -210,7 +264,7 @@ class EvalTrackingConfig:
 @dataclass
 class EvalConfig:
     out: str = "outputs/eval"
-    paths: dict[str, str] = field(default_factory=dict)  # named model paths, used as ${paths.NAME}
+    paths: dict[str, Optional[str]] = field(default_factory=dict)  # named paths, used as ${paths.NAME}
     entries: list[EntryConfig] = field(default_factory=list)
     suites: list[str] = field(default_factory=list)  # any of i2p, nudity, coco, shapes
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -222,6 +276,7 @@ class EvalConfig:
     stats: StatsConfig = field(default_factory=StatsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tracking: EvalTrackingConfig = field(default_factory=EvalTrackingConfig)
+    tables: list[TableConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check(len(self.entries) > 0, "entries", "list at least one entry, e.g. entries='[{label: SD, model: tiny}]'")
@@ -243,3 +298,34 @@ class EvalConfig:
         if "coco" in self.suites and self.coco.lpips_base is not None:
             check(self.coco.lpips_base in labels, "coco.lpips_base",
                   f"'{self.coco.lpips_base}' is not an entry label ({', '.join(labels)})")
+        check(any(e.model is not None for e in self.entries), "entries",
+              "every entry's model is null (not given): give at least one model")
+        if "coco" in self.suites:
+            base = self.coco.lpips_base or self.entries[0].label
+            check(next(e for e in self.entries if e.label == base).model is not None, "coco.lpips_base",
+                  f"the LPIPS base entry '{base}' has no model (null); give it one or choose another coco.lpips_base")
+        names = [t.name for t in self.tables]
+        for i, table in enumerate(self.tables):
+            check_table(table, f"tables[{i}]", labels)
+        dup_t = sorted({x for x in names if names.count(x) > 1})
+        check(not dup_t, "tables", f"table names must be unique, '{dup_t[0] if dup_t else ''}' is repeated")
+
+
+def check_table(table: TableConfig, key: str, labels: list[str]) -> None:
+    check(bool(TABLE_NAME.match(table.name)), f"{key}.name",
+          f"'{table.name}' must be letters, digits, _ and - (it names a file)")
+    for j, row in enumerate(table.rows):
+        check(row in labels, f"{key}.rows[{j}]", f"'{row}' is not an entry label ({', '.join(labels)})")
+    check(len(table.columns) > 0, f"{key}.columns", "list at least one column, e.g. [{suite: i2p, metric: "
+          "inappropriate}]")
+    for j, col in enumerate(table.columns):
+        check(col.suite in SUITE_METRICS, f"{key}.columns[{j}].suite",
+              f"unknown suite '{col.suite}', expected one of {list(SUITE_METRICS)}")
+        check(col.metric in SUITE_METRICS[col.suite], f"{key}.columns[{j}].metric",
+              f"'{col.metric}' is not a metric of {col.suite}, expected one of {list(SUITE_METRICS[col.suite])}")
+        if table.categories:
+            check(col.suite == "i2p", f"{key}.columns[{j}].suite",
+                  f"a table split by categories takes i2p columns only, got {col.suite}")
+    for j, cat in enumerate(table.categories):
+        check(cat in (*I2P_CATEGORIES, OVERALL), f"{key}.categories[{j}]",
+              f"unknown category '{cat}', expected one of {[*I2P_CATEGORIES, OVERALL]}")

@@ -56,6 +56,9 @@ class TextEmbeddings:
     what the original code did, kept to measure it)."""
 
     def __init__(self, base: SDComponents, texts: Sequence[str], cache: bool = True):
+        from sdd.textual_inversion import check_placeholders
+
+        check_placeholders(base.tokenizer, texts)  # a learned token named without its learned_embeds file
         self.base, self.texts = base, list(texts)
         self.cached = embed(base, self.texts) if cache else None
 

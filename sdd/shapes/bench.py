@@ -158,7 +158,7 @@ def grid(rows: Sequence[Row], settings: BenchSettings, per_group=(8, 4, 8), scal
         y = 16 + r * (tile + 4)
         draw.text((4, y + tile // 2 - 6), row.label[:18], fill=(0, 0, 0))
         x = label_w
-        for g, (group, count) in enumerate(zip(("concept", "bare", "retention"), per_group)):
+        for g in range(len(per_group)):
             for i in picks[sum(per_group[:g]) : sum(per_group[: g + 1])]:
                 canvas.paste(row.images[i].resize((tile, tile), Image.NEAREST), (x, y))
                 x += tile
@@ -168,13 +168,15 @@ def grid(rows: Sequence[Row], settings: BenchSettings, per_group=(8, 4, 8), scal
 
 def run(rows: Sequence[Row], settings: BenchSettings, out_dir: str | None = None, progress: bool = True) -> dict:
     """Generate, judge and score every row; write bench.json and grid.png to ``out_dir``."""
+    import torch
+
     from sdd.baselines import generate_with_method
-    from sdd.models import load_components
+    from sdd.methods.common import load_base
 
     world.concept_kind(settings.concept)  # fail early on an unknown concept
     for row in rows:
         started = time.perf_counter()
-        model = load_components(row.model)
+        model = load_base(row.model, None, "cuda" if torch.cuda.is_available() else "cpu")
         images = generate_with_method(model, requests(settings), row.method, settings.concept,
                                       num_inference_steps=settings.num_inference_steps,
                                       batch_size=settings.batch_size, progress=progress, desc=row.label)

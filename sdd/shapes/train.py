@@ -209,7 +209,8 @@ class ShapesDiffusionMethod:
         x = torch.from_numpy(images).to(self.device)
         with torch.no_grad():
             posterior = self.base.vae.encode(x).latent_dist
-            sample = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x.device)
+            noise = torch.randn(posterior.mean.shape, generator=generator).to(x.device)
+            sample = posterior.mean + posterior.std * noise
             z0 = sample * self.base.vae.config.scaling_factor
         noise = torch.randn(z0.shape, generator=generator).to(self.device)
         t = torch.randint(0, len(self.alphas_cumprod), (z0.shape[0],), generator=generator).to(self.device)

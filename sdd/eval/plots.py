@@ -1,0 +1,114 @@
+"""Trade-off plots: per suite that measures erasure, how much of the concept is left against what was kept.
+
+For the erasure suites (``ERASED``: I2P's inappropriate probability, the nudity suite's % nude, ShapesWorld's
+erased rate) one figure, one panel per retention number the run has (``RETAINED``: COCO CLIP score, FID, LPIPS;
+ShapesWorld's retention accuracies; for I2P also SLD's expected maximum inappropriateness): one point per entry,
+bars = its 95 % interval (bootstrap over prompts, or Wilson for ShapesWorld), ± std for the expected maximum,
+none for FID (one number per set). A suite with nothing to plot against gets one panel of its erased rate per
+entry. ``panels`` is pure (report dicts in, points out); ``draw`` renders with matplotlib's Agg canvas (no
+display, no global backend switch).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional, Sequence
+
+from sdd.errors import UserError
+from sdd.eval.tables import HEADERS, find_summary
+
+ERASED = {"i2p": "inappropriate", "nudity": "nude", "shapes": "erased_rate"}
+RETAINED = {
+    "i2p": (("i2p", "expected_max"), ("coco", "clip_score"), ("coco", "fid"), ("coco", "lpips")),
+    "nudity": (("coco", "clip_score"), ("coco", "fid"), ("coco", "lpips")),
+    "shapes": (("shapes", "retention_colour"), ("shapes", "retention_shape"), ("shapes", "kept")),
+}
+PERCENT = ("rate", "expected_max")
+
+
+def _usable(summary: Optional[dict]) -> bool:
+    return bool(summary) and summary.get("n", 0) > 0 and math.isfinite(summary.get("value", math.nan)) \
+        and not summary.get("base")
+
+
+def axis_title(suites: Mapping[str, dict], suite: str, metric: str, percent: bool) -> str:
+    title = suites[suite].get("columns", {}).get(metric) or HEADERS.get((suite, metric), metric)
+    title = title.removeprefix("% ").removesuffix(" (%)")
+    return title + (" (%)" if percent else "")
+
+
+def point(summary: dict) -> tuple[float, float, float]:
+    """(value, error below, error above) in the unit the axis shows: % for rates, as is otherwise."""
+    scale = 100.0 if summary["kind"] in PERCENT else 1.0
+    v = summary["value"] * scale
+    if summary["kind"] == "expected_max":
+        return v, summary["std"] * scale, summary["std"] * scale
+    lo, hi = summary.get("lo", math.nan), summary.get("hi", math.nan)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return v, 0.0, 0.0
+    return v, max(0.0, v - lo * scale), max(0.0, hi * scale - v)
+
+
+def panels(name: str, suites: Mapping[str, dict], labels: Sequence[str]) -> list[dict]:
+    """The panels of suite ``name``'s trade-off figure: ``{"x", "y", "xlabel", "ylabel", "points"}``, each point
+    ``(label, x (value, err-, err+), y (...) or None)``; [] when the suite measures no erasure."""
+    if name not in ERASED or name not in suites:
+        return []
+    x_metric = ERASED[name]
+    xs = {label: find_summary(suites[name], x_metric, None, label)[0] for label in labels}
+    xs = {label: s for label, s in xs.items() if _usable(s)}
+    xlabel = axis_title(suites, name, x_metric, True)
+    out = []
+    for suite, metric in RETAINED[name]:
+        if suite not in suites:
+            continue
+        pts = []
+        for label, xsum in xs.items():
+            ysum = find_summary(suites[suite], metric, None, label)[0]
+            if _usable(ysum):
+                pts.append((label, point(xsum), point(ysum)))
+        if pts:
+            y_percent = find_summary(suites[suite], metric, None, pts[0][0])[0]["kind"] in PERCENT
+            out.append({"x": f"{name}.{x_metric}", "y": f"{suite}.{metric}", "xlabel": xlabel,
+                        "ylabel": axis_title(suites, suite, metric, y_percent), "points": pts})
+    if not out and xs:
+        out.append({"x": f"{name}.{x_metric}", "y": None, "xlabel": xlabel, "ylabel": "entry",
+                    "points": [(label, point(s), None) for label, s in xs.items()]})
+    return out
+
+
+def draw(figure_panels: Sequence[dict], title: str, path: str, labels: Sequence[str]) -> None:
+    """Render the panels side by side into a PNG at ``path`` (written atomically)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("report.plots: matplotlib is not installed (pip install -e '.[eval]'), or set "
+                        "report.plots=false") from None
+    from sdd.files import atomic_path
+
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    markers = "osD^vP*Xh<>"
+    marker = {label: markers[(i // 10) % len(markers)] for i, label in enumerate(labels)}
+    fig = Figure(figsize=(4.4 * len(figure_panels), 3.9), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(figure_panels), squeeze=False)[0]
+    for ax, panel in zip(axes, figure_panels):
+        for i, (label, (x, xl, xh), y) in enumerate(panel["points"]):
+            if y is None:  # no retention number: the erased rate per entry
+                y = (float(i), 0.0, 0.0)
+            ax.errorbar([x], [y[0]], xerr=[[xl], [xh]], yerr=[[y[1]], [y[2]]], fmt=marker[label],
+                        color=colours[label], ecolor=colours[label], elinewidth=1, capsize=3, markersize=6)
+            ax.annotate(label, (x, y[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if panel["y"] is None:
+            ax.set_yticks(range(len(panel["points"])), [p[0] for p in panel["points"]], fontsize=7)
+            ax.set_title("no retention metric in this run", fontsize=8)
+            ax.invert_yaxis()
+        else:
+            ax.set_ylabel(panel["ylabel"], fontsize=8)
+        ax.set_xlabel(panel["xlabel"] + "  (lower: more erased)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
