@@ -28,6 +28,7 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from sdd.errors import UserError
+from sdd.files import file_sha256
 
 TINY_RANDOM = "tiny-random"
 DEFAULT_EMBEDDER = "openai/clip-vit-large-patch14"
@@ -49,15 +50,6 @@ def _processor_class():
     except ImportError:
         from transformers import CLIPImageProcessor as cls
     return cls
-
-
-def file_digest(path: str) -> str:
-    """sha256 of a file's bytes: the cache key of an image."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ImageEmbedder:
@@ -133,7 +125,7 @@ class ImageEmbedder:
 
         from sdd.files import atomic_path
 
-        digests = [file_digest(p) for p in paths]
+        digests = [file_sha256(p) for p in paths]
         path = self.cache_file(cache_dir)
         cache = load_file(path) if os.path.isfile(path) else {}
         missing = sorted({d: p for d, p in zip(digests, paths) if d not in cache}.items())

@@ -369,3 +369,22 @@ def describe(result: FitResult, output_dir: str) -> str:
     lines.append(f"  checkpoints {os.path.join(output_dir, 'checkpoints')}")
     return "\n".join(lines)
 
+
+
+def train_main(schema, method_cls, argv, description: str, on_done=None) -> FitResult:
+    """What every entry script of ``train/`` does: config -> accelerator -> method -> ``fit`` -> summary.
+
+    ``on_done(cfg, method)`` runs on the main process after training (e.g. to report a method's own metrics).
+    """
+    from sdd.config import parse_args, to_dict, to_yaml
+
+    cfg = parse_args(schema, argv, description=description)
+    accelerator = make_accelerator(cfg.train, cfg.tracking, cfg.output_dir)
+    method = method_cls(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
+    result = fit(accelerator, method, cfg.train, cfg.tracking, cfg.output_dir, to_dict(cfg), to_yaml(cfg))
+    if accelerator.is_main_process:
+        print(describe(result, cfg.output_dir))
+        if on_done is not None:
+            on_done(cfg, method)
+    accelerator.end_training()
+    return result

@@ -87,3 +87,27 @@ def test_datasets_view():
     ds = world.as_dataset(5, seed=3)
     assert len(ds) == 5 and set(ds.column_names) == {"image", "prompt", "shape", "colour"}
     assert ds[0]["image"].size == (32, 32)
+
+
+@pytest.mark.slow
+def test_sdd_erases_red_from_the_shipped_model_and_keeps_the_rest(tmp_path):
+    """The erasure itself, reduced to about a minute: a short SDD run on the shipped ShapesWorld model, then the
+    benchmark on fewer images. The base draws red for "a red X" and "red" (>= 0.9); the erased student must not
+    (<= 0.35), and keep the shapes it is asked for."""
+    import json
+
+    from conftest import ROOT, load_script
+    from sdd.shapes import bench
+
+    out = tmp_path / "sdd"
+    load_script("train_sdd").main([
+        "--config", str(ROOT / "configs/sdd/shapes_red.yaml"), f"output_dir={out}", "train.steps=120", "train.lr=1e-4",
+        "sdd.export=student", "sdd.ddim_steps=10", "train.checkpoint_every=0", "tracking.tracker=none",
+    ])
+    settings = bench.BenchSettings(concept="red", n=32, n_retention=32, num_inference_steps=10)
+    rows = [bench.Row("base", "shapes", "sd"), bench.Row("sdd", str(out / "pipeline"), "sd")]
+    report = bench.run(rows, settings, str(tmp_path / "bench"), progress=False)
+    base, sdd = ({k: v["rate"] for k, v in r["metrics"].items()} for r in report["rows"])
+    assert base["erased_rate"] >= 0.9 and base["bare_rate"] >= 0.9, json.dumps(base)
+    assert sdd["erased_rate"] <= 0.35 and sdd["bare_rate"] <= 0.35, json.dumps(sdd)
+    assert sdd["kept"] >= 0.8 and sdd["retention_shape"] >= 0.8, json.dumps(sdd)

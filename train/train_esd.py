@@ -6,21 +6,13 @@
 
 from __future__ import annotations
 
-from sdd.config import parse_args, to_dict, to_yaml
 from sdd.errors import run_main
-from sdd.loop import describe, fit, make_accelerator
+from sdd.loop import train_main
 from sdd.methods.esd import ESDConfig, ESDMethod
 
 
 def main(argv=None):
-    cfg = parse_args(ESDConfig, argv, description=__doc__)
-    accelerator = make_accelerator(cfg.train, cfg.tracking, cfg.output_dir)
-    method = ESDMethod(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
-    result = fit(accelerator, method, cfg.train, cfg.tracking, cfg.output_dir, to_dict(cfg), to_yaml(cfg))
-    if accelerator.is_main_process:
-        print(describe(result, cfg.output_dir))
-    accelerator.end_training()
-    return result
+    return train_main(ESDConfig, ESDMethod, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -27,16 +27,9 @@ import numpy as np
 from sdd.errors import UserError
 from sdd.eval import aggregate as agg
 from sdd.eval.schema import I2P_CATEGORIES, OVERALL, TINY_RANDOM, EvalConfig
+from sdd.files import file_sha256
 
 # ------------------------------------------------------------------------------------------------- scorers
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
