@@ -84,3 +84,16 @@ def run_command(cmd, *, env=None, timeout=600, cwd=None):
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{out[-2000:]}\n{err[-3000:]}")
     return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory):
+    """Four random "real" images: the reference folder of the COCO suite's FID in the harness tests."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("coco-ref")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path / f"{i:012d}.jpg")
+    return str(path)

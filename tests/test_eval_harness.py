@@ -148,15 +148,6 @@ def sdd_export(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def reference_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("coco-ref")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path / f"{i:012d}.jpg")
-    return str(path)
-
-
 def tiny_args(out, sdd_export, reference_dir, *extra):
     return ["--config", TINY, f"out={out}", f"paths.sdd={sdd_export}", ENTRIES, "generation.num_inference_steps=2",
             "generation.batch_size=2", "nudity.limit=2", "i2p.limit=3", "i2p.images_per_prompt=2", "coco.limit=3",

@@ -293,15 +293,6 @@ def exports(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def reference_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("coco-ref")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path / f"{i:012d}.jpg")
-    return str(path)
-
-
 def _run(args):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

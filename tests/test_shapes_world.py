@@ -97,6 +97,7 @@ def test_sdd_erases_red_from_the_shipped_model_and_keeps_the_rest(tmp_path):
     import json
 
     from conftest import ROOT, load_script
+
     from sdd.shapes import bench
 
     out = tmp_path / "sdd"
