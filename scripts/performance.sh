@@ -10,9 +10,9 @@ BIN=${BIN:-.venv/bin}
 case "$mode" in
   cpu)
     "$BIN/sdd-bench" --preset tiny --method sdd --batch-sizes 1,8 --iters 20 --warmup 3 --threads 2 \
-      --teacher-bf16 --out outputs/perf-cpu-sdd.json
+      --teacher-bf16 --compile --out outputs/perf-cpu-sdd.json
     "$BIN/sdd-bench" --preset tiny --method esd --batch-sizes 1,8 --iters 20 --warmup 3 --threads 2 \
-      --switches default --out outputs/perf-cpu-esd.json
+      --switches default --compile --out outputs/perf-cpu-esd.json
     # data parallel: one thread per process, against one process with one thread
     "$BIN/sdd-bench" --preset tiny --method sdd --batch-sizes 8 --iters 20 --warmup 3 --threads 1 \
       --switches default --processes 2 --out outputs/perf-cpu-2proc.json
