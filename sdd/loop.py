@@ -370,7 +370,6 @@ def describe(result: FitResult, output_dir: str) -> str:
     return "\n".join(lines)
 
 
-
 def train_main(schema, method_cls, argv, description: str, on_done=None) -> FitResult:
     """What every entry script of ``train/`` does: config -> accelerator -> method -> ``fit`` -> summary.
 

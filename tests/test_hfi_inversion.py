@@ -254,5 +254,6 @@ def test_loop_plan_is_the_documented_commands(tmp_path):
     assert [c.split()[1:3] for c in commands][:2] == [["-m", "sdd.generate_images"], ["-m", "hfi.auto_feedback"]]
     assert "train_reward.py" in commands[2] and "train_hfi.py" in commands[3]
     assert "'concepts=[red]'" in commands[4] and "learned_embeds=" in commands[5] and "bench" in commands[6]
+    assert "configs/sdd/shapes_red.yaml" in commands[4]  # the word's baseline is the shipped SDD red config
     assert loop_prompts("red")[:3] == ["a red circle", "a red square", "a red triangle"]
     assert not (tmp_path / "images").exists()  # a dry run runs nothing

@@ -79,9 +79,14 @@ def test_shared_frozen_tensors_are_shared_and_trainable_ones_are_not():
 def test_compiled_unets_give_the_reference_step():
     """torch.compile (inductor kernels, fused) is exact too: same loss, gradients and EMA update to round-off.
     About 1.5 minutes on 2 cores: most of it compiling the UNet's sampling, forward and backward graphs."""
+    from torch._dynamo.utils import counters
+
     common = dict(method="sdd", preset="tiny", batch_size=3, ddim_steps=6, finetune="xattn")
     ref_loss, ref_grads, ref_after, _ = one_step(Case(name="reference", reference=True, **common))
+    torch._dynamo.reset()
+    counters.clear()
     loss, grads, after, _ = one_step(Case(name="compile", perf={"compile": True}, **common))
+    assert counters["stats"]["unique_graphs"] > 0, "perf.compile ran the UNets uncompiled"
     assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-9)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7, msg=name)
