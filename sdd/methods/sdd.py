@@ -7,6 +7,11 @@
              theta* <- m theta* + (1 - m) theta
     export theta* (the teacher)
 
+With ``sdd.preserve_prompts`` (not in the papers; off by default) the loss gains a preservation term on the same
+latents, ``preserve_weight * || eps_theta(z_t, c_keep, t) - eps_orig(z_t, c_keep, t) ||^2``, where eps_orig is the
+frozen model before training and c_keep cycles through the prompts to keep (e.g. the other colours when erasing
+red): what the concept shares with them is held in place while the concept itself is sent to the unconditional.
+
 ``t`` is the grid timestep of the latent the student sees (the official code's k = 0 case, which ran the full
 trajectory and then queried t ~ 990, does not exist here). ``concept_roles='official'`` swaps c_s and c_p as
 the released code does for several concepts (see docs/METHODS.md section 1.4).
@@ -57,11 +62,15 @@ class SDDSettings:
     concept_schedule: Literal["iterative", "random"] = "iterative"
     export: Literal["teacher", "student"] = "teacher"
     resolution: Optional[int] = None  # image size; default: the model's
+    preserve_prompts: list[str] = field(default_factory=list)  # predictions held at the frozen original's
+    preserve_weight: float = 1.0  # lambda of the preservation term (used only with preserve_prompts)
 
     def __post_init__(self) -> None:
         check(self.ddim_steps >= 1, "sdd.ddim_steps", f"must be >= 1, got {self.ddim_steps}")
         check(0.0 <= self.ema_decay < 1.0, "sdd.ema_decay", f"must lie in [0, 1), got {self.ema_decay}")
         check(self.beta_a > 0 and self.beta_b > 0, "sdd.beta_a/beta_b", "must be > 0")
+        check(self.preserve_weight >= 0, "sdd.preserve_weight", f"must be >= 0, got {self.preserve_weight}")
+        check(all(p.strip() for p in self.preserve_prompts), "sdd.preserve_prompts", "a prompt is empty")
 
 
 @dataclass
@@ -99,8 +108,12 @@ class SDDMethod:
         self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora)
         self.model.train()
         self.teacher = frozen_copy(self.model, common.share_frozen(cfg.perf))
+        # the model as it was, for the preservation term (shares the frozen tensors; costs the trainable ones)
+        self.original = frozen_copy(self.model, common.share_frozen(cfg.perf)) if cfg.sdd.preserve_prompts else None
         apply_to_unet(self.model, cfg.perf, training=True)
-        apply_to_unet(self.teacher, cfg.perf, training=False)
+        for frozen in (self.teacher, self.original):
+            if frozen is not None:
+                apply_to_unet(frozen, cfg.perf, training=False)
         teacher_params = dict(self.teacher.named_parameters())
         student_params = dict(self.model.named_parameters())
         self._ema_pairs = (
@@ -114,7 +127,8 @@ class SDDMethod:
         if s.concept_roles == "official":
             student_texts, sampler_texts = sampler_texts, student_texts
         self.student_texts, self.sampler_texts = student_texts, sampler_texts
-        self.texts = common.TextEmbeddings(self.base, ["", *student_texts, *sampler_texts],
+        self.preserve_texts = list(s.preserve_prompts)
+        self.texts = common.TextEmbeddings(self.base, ["", *student_texts, *sampler_texts, *self.preserve_texts],
                                            cfg.perf.cache_text_embeddings)
 
         self.scheduler = common.ddim_grid(self.base, s.ddim_steps)
@@ -128,16 +142,25 @@ class SDDMethod:
         s, batch = self.cfg.sdd, self.cfg.train.batch_size
         z_T = torch.randn((batch, *self.latent_shape), generator=generator)
         k = sample_k(batch, s.ddim_steps, generator, s.k_distribution, (s.beta_a, s.beta_b))
-        offset = (step * self.num_processes + self.process_index) * batch
         n_concepts = max(len(self.student_texts), len(self.sampler_texts))
-        return z_T, k, concept_indices(s.concept_schedule, n_concepts, batch, offset, generator)
+        return z_T, k, concept_indices(s.concept_schedule, n_concepts, batch, self._offset(step), generator)
+
+    def _offset(self, step: int) -> int:
+        """How many latents all processes drew before this one's micro-step ``step``."""
+        return (step * self.num_processes + self.process_index) * self.cfg.train.batch_size
 
     def conditioning(self, idx: torch.Tensor):
         """(c_uncond, c_p, c_s) for concept indices ``idx``."""
         embeds = self.texts.get()
-        c_student = embeds[1 : 1 + len(self.student_texts)]
-        c_sampler = embeds[1 + len(self.student_texts) :]
-        return embeds[:1], c_sampler[idx % len(self.sampler_texts)], c_student[idx % len(self.student_texts)]
+        n_s, n_p = len(self.student_texts), len(self.sampler_texts)
+        c_student, c_sampler = embeds[1 : 1 + n_s], embeds[1 + n_s : 1 + n_s + n_p]
+        return embeds[:1], c_sampler[idx % n_p], c_student[idx % n_s]
+
+    def preserve_conditioning(self, step: int) -> torch.Tensor:
+        """The prompts to keep for micro-step ``step``'s latents, round-robin over all processes (no draw)."""
+        keep = concept_indices("iterative", len(self.preserve_texts), self.cfg.train.batch_size, self._offset(step),
+                               None)
+        return self.texts.get()[1 + len(self.student_texts) + len(self.sampler_texts) :][keep]
 
     def sample_latents(self, z_T, k, idx):
         """The teacher's latents z_t, their timesteps t, and the conditionings the student needs."""
@@ -161,12 +184,24 @@ class SDDMethod:
             eps_concept = model(z_t, t, encoder_hidden_states=c_s).sample
         return sdd_loss(eps_concept, eps_uncond)
 
+    def preserve_loss(self, model, z_t, t, c_keep) -> torch.Tensor:
+        """The preservation term: the student's predictions for prompts to keep toward the frozen original's."""
+        with torch.no_grad(), sampling_autocast(z_t.device, self.cfg.perf.teacher_precision):
+            eps_original = self.original(z_t, t, encoder_hidden_states=c_keep).sample
+        return sdd_loss(model(z_t, t, encoder_hidden_states=c_keep).sample, eps_original)
+
     # the loop's interface
 
     def compute_loss(self, model, step: int, generator: torch.Generator):
         z_T, k, idx = self.draw(step, generator)
         z_t, t, c_uncond, c_s = self.sample_latents(z_T, k, idx)
-        return self.student_loss(model, z_t, t, c_uncond, c_s), {"k": k.float().mean().item()}
+        loss = self.student_loss(model, z_t, t, c_uncond, c_s)
+        logs = {"k": k.float().mean().item()}
+        if self.preserve_texts:
+            keep = self.preserve_loss(model, z_t, t, self.preserve_conditioning(step))
+            logs.update({"loss_erase": loss.item(), "loss_preserve": keep.item()})
+            loss = loss + self.cfg.sdd.preserve_weight * keep
+        return loss, logs
 
     def after_optimizer_step(self) -> None:
         if self.cfg.perf.ema == "loop":
