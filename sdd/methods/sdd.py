@@ -199,7 +199,8 @@ class SDDMethod:
         logs = {"k": k.float().mean().item()}
         if self.preserve_texts:
             keep = self.preserve_loss(model, z_t, t, self.preserve_conditioning(step))
-            logs.update({"loss_erase": loss.item(), "loss_preserve": keep.item()})
+            # tensors, not floats: the loop reads them only when it logs (no device sync every step)
+            logs.update({"loss_erase": loss.detach(), "loss_preserve": keep.detach()})
             loss = loss + self.cfg.sdd.preserve_weight * keep
         return loss, logs
 
