@@ -91,9 +91,10 @@ def test_datasets_view():
 
 @pytest.mark.slow
 def test_sdd_erases_red_from_the_shipped_model_and_keeps_the_rest(tmp_path):
-    """The erasure itself, reduced to two minutes: a short SDD run on the shipped ShapesWorld model, then the
-    benchmark on fewer images. The base draws red for "a red X" and "red" (>= 0.9); the erased student must not
-    (<= 0.35), and keep the shapes it is asked for."""
+    """The erasure itself, reduced to two minutes: a short run of the quick start's config (SDD with the
+    preservation term) on the shipped ShapesWorld model, then the benchmark on fewer images. The base draws red for
+    "a red X" and "red" (>= 0.9); the erased student must not (<= 0.2), and must keep the shapes it is asked for
+    and the colours and shapes of the other prompts."""
     import json
 
     from conftest import ROOT, load_script
@@ -102,13 +103,16 @@ def test_sdd_erases_red_from_the_shipped_model_and_keeps_the_rest(tmp_path):
 
     out = tmp_path / "sdd"
     load_script("train_sdd").main([
-        "--config", str(ROOT / "configs/sdd/shapes_red.yaml"), f"output_dir={out}", "train.steps=120", "train.lr=2e-4",
-        "sdd.export=student", "sdd.ddim_steps=10", "train.checkpoint_every=0", "tracking.tracker=none",
+        "--config", str(ROOT / "configs/sdd/shapes_red_keep.yaml"), f"output_dir={out}", "train.steps=120",
+        "train.lr=3e-4", "sdd.export=student", "sdd.ddim_steps=10", "train.checkpoint_every=0",
+        "tracking.tracker=none",
     ])
     settings = bench.BenchSettings(concept="red", n=32, n_retention=32, num_inference_steps=10)
     rows = [bench.Row("base", "shapes", "sd"), bench.Row("sdd", str(out / "pipeline"), "sd")]
     report = bench.run(rows, settings, str(tmp_path / "bench"), progress=False)
     base, sdd = ({k: v["rate"] for k, v in r["metrics"].items()} for r in report["rows"])
     assert base["erased_rate"] >= 0.9 and base["bare_rate"] >= 0.9, json.dumps(base)
-    assert sdd["erased_rate"] <= 0.35 and sdd["bare_rate"] <= 0.35, json.dumps(sdd)
-    assert sdd["kept"] >= 0.8 and sdd["retention_shape"] >= 0.8, json.dumps(sdd)
+    assert sdd["erased_rate"] <= 0.2 and sdd["bare_rate"] <= 0.2, json.dumps(sdd)
+    assert sdd["kept"] >= 0.8, json.dumps(sdd)
+    for key in ("retention_colour", "retention_shape"):
+        assert sdd[key] >= base[key] - 0.1, (key, json.dumps(base), json.dumps(sdd))
