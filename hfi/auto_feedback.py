@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from sdd.errors import UserError, run_main
+from sdd.files import to_json
 
 # --- the noise model (pure) ----------------------------------------------------------------------------------
 
@@ -177,7 +178,7 @@ def autolabel(
         "judgements": judgements, "flipped": flips, "realised_noise": flips / judgements if judgements else None,
         "feedback": store.path,
     }
-    write_text(os.path.join(side_dir, f"{_slug(annotator)}.json"), json.dumps(summary, indent=2) + "\n")
+    write_text(os.path.join(side_dir, f"{_slug(annotator)}.json"), to_json(summary, indent=2) + "\n")
     return summary
 
 

@@ -19,7 +19,6 @@ embedded again.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from sdd.errors import UserError
-from sdd.files import file_sha256
+from sdd.files import file_sha256, to_json
 
 TINY_RANDOM = "tiny-random"
 DEFAULT_EMBEDDER = "openai/clip-vit-large-patch14"
@@ -112,7 +111,7 @@ class ImageEmbedder:
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
     def cache_file(self, cache_dir: str) -> str:
-        key = json.dumps(self.describe(), sort_keys=True)
+        key = to_json(self.describe(), sort_keys=True)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model.strip("/").split("/")[-1])[:40]
         return os.path.join(cache_dir, f"{slug}-{self.embedding}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
                                        ".safetensors")
@@ -134,7 +133,7 @@ class ImageEmbedder:
             cache.update({d: e.contiguous() for (d, _), e in zip(missing, new)})
             os.makedirs(cache_dir, exist_ok=True)
             with atomic_path(path) as tmp:
-                save_file(cache, tmp, metadata={"embedder": json.dumps(self.describe())})
+                save_file(cache, tmp, metadata={"embedder": to_json(self.describe())})
         return torch.stack([cache[d] for d in digests]) if digests else torch.empty(0, self.dim)
 
 

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Literal, Optional, Sequence
 
 from sdd.errors import UserError
-from sdd.files import atomic_path
+from sdd.files import atomic_path, to_json
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def append_record(path: str, record: dict) -> None:
     flock locks belong to an open file description, so each call opens its own: two threads of one process
     exclude each other as two processes do.
     """
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    line = (to_json(record, ensure_ascii=False) + "\n").encode("utf-8")
     created = not os.path.exists(path)
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:

@@ -30,7 +30,6 @@ package's ``learned_embeds:`` key load, plus a card and the weight of every imag
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 from sdd.config import ModelConfig, TrackingConfig, TrainConfig, check
 from sdd.errors import UserError
+from sdd.files import to_json
 from sdd.methods import common
 
 # diffusers examples/textual_inversion/textual_inversion.py, ``imagenet_templates_small``
@@ -317,7 +317,7 @@ class HFIMethod:
         with atomic_path(path) as tmp:
             save_file(self.learned_embeds(), tmp, metadata=metadata)
         weights_path = os.path.join(output_dir, "image_weights.jsonl")
-        rows = [json.dumps({"file_name": n, "reward": float(r), "weight": float(w)})
+        rows = [to_json({"file_name": n, "reward": float(r), "weight": float(w)})
                 for n, r, w in zip(self.names, self.rewards, self.weights)]
         write_text(weights_path, "\n".join(rows) + "\n")
         card_path = os.path.join(output_dir, "README.md")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from sdd.errors import UserError, run_main
+from sdd.files import to_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEEDBACK_SEED = 10000  # image seeds of the feedback set: 10000 + 100 * row + image (the bench uses 0, 1, ...)
@@ -89,7 +90,7 @@ def hfi_overrides(concept: str) -> list[str]:
     out = [f"hfi.placeholder_token={token}", f"hfi.initializer_token={concept}"]
     if world.concept_kind(concept) == "shape":
         templates = [t.replace("{shape}", "{}") for t in world.SHAPE_TEMPLATES]
-        out.append("hfi.templates=" + json.dumps(templates))
+        out.append("hfi.templates=" + to_json(templates))
     return out
 
 
@@ -335,7 +336,7 @@ def report(out: str, stages: list[Stage], args, preset: dict) -> dict:
         "implicit": implicit,
         "bench": bench["rows"],
     }
-    write_text(os.path.join(out, "loop_summary.json"), json.dumps(summary, indent=2) + "\n")
+    write_text(os.path.join(out, "loop_summary.json"), to_json(summary, indent=2) + "\n")
     held = (reward_metrics or {}).get("heldout") or {}
 
     def ci(pair) -> str:

@@ -32,6 +32,7 @@ from torch import nn
 from hfi.embeddings import EmbedderConfig, ImageEmbedder
 from sdd.config import TrackingConfig, TrainConfig, check
 from sdd.errors import UserError
+from sdd.files import to_json
 
 REWARD_FORMAT = "hfi-reward"
 REWARD_VERSION = 1
@@ -378,8 +379,7 @@ def save_reward(path: str, mlp: RewardMLP, info: dict) -> None:
         state = {k: v.detach().float().cpu().contiguous() for k, v in mlp.state_dict().items()}
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": REWARD_FORMAT})
         with open(os.path.join(tmp, "reward.json"), "w") as f:
-            json.dump(info, f, indent=2)
-            f.write("\n")
+            f.write(to_json(info, indent=2) + "\n")
 
 
 class RewardModel:
@@ -466,4 +466,4 @@ def add_to_summary(output_dir: str, key: str, value) -> None:
         with open(path) as f:
             summary = json.load(f)
     summary[key] = value
-    write_text(path, json.dumps(summary, indent=2) + "\n")
+    write_text(path, to_json(summary, indent=2) + "\n")

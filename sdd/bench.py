@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from sdd.errors import UserError, run_main
+from sdd.files import to_json
 
 PRESETS = {"tiny": "tiny", "sd15": "sd15-random"}
 
@@ -68,7 +69,7 @@ def make_config(case: Case):
     perf = dict(case.perf)
     if case.reference:  # the original code holds a full second UNet and re-encodes prompts
         perf.update(cache_text_embeddings=False, ema="loop", share_frozen=False, student_passes="separate")
-    overrides += [f"perf.{k}={json.dumps(v)}" for k, v in perf.items()]
+    overrides += [f"perf.{k}={to_json(v)}" for k, v in perf.items()]
     schema = SDDConfig if case.method == "sdd" else ESDConfig
     return load_config(schema, None, overrides)
 
@@ -237,11 +238,11 @@ def _worker(payload: str) -> None:
 
     results = gather_object([result])
     if result["process_index"] == 0:
-        print("BENCH-RESULT " + json.dumps(results), flush=True)
+        print("BENCH-RESULT " + to_json(results), flush=True)
 
 
 def run_in_subprocess(case: Case, iters: int, warmup: int, seed: int, threads: Optional[int]) -> list[dict]:
-    payload = json.dumps({"case": dataclasses.asdict(case), "iters": iters, "warmup": warmup, "seed": seed})
+    payload = to_json({"case": dataclasses.asdict(case), "iters": iters, "warmup": warmup, "seed": seed})
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -396,7 +397,7 @@ def main(argv=None):
     if args.out:
         from sdd.files import write_text
 
-        write_text(args.out, json.dumps(report, indent=2) + "\n")
+        write_text(args.out, to_json(report, indent=2) + "\n")
         print(f"results: {args.out}")
     return report
 

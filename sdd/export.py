@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdd.errors import UserError
-from sdd.files import atomic_path, write_text
+from sdd.files import atomic_path, reporting_write_failures, write_text
 from sdd.models import SDComponents
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -118,8 +118,8 @@ def export_model(
         raise UserError("export: the model has no VAE, so no pipeline can be written")
     torch_dtype = DTYPES[dtype]
     written: dict[str, str] = {}
-    os.makedirs(out_dir, exist_ok=True)
-    try:
+    with reporting_write_failures(out_dir, "export"):
+        os.makedirs(out_dir, exist_ok=True)
         if is_lora:
             path = os.path.join(out_dir, "lora")
             with atomic_path(path) as tmp:
@@ -159,6 +159,4 @@ def export_model(
         path = os.path.join(out_dir, "README.md")
         write_text(path, _card_text(card, has_pipeline=full_unet is not None, has_lora=is_lora))
         written["card"] = path
-    except OSError as err:
-        raise UserError(f"export to {out_dir} failed, nothing half-written was left in place: {err}") from None
     return written

@@ -23,7 +23,7 @@ from typing import Any, Collection, Optional, Sequence
 
 from sdd.config import load_config
 from sdd.errors import UserError, run_main
-from sdd.files import atomic_path, write_text
+from sdd.files import atomic_path, check_writable_dir, reporting_write_failures, to_json, write_text
 from sdd.generation import Request
 
 METADATA = "metadata.jsonl"
@@ -183,13 +183,13 @@ def generate_jobs(model, todo: Sequence[Job], cfg: GenerateConfig, out_dir: str,
                 if job.file_name in skip:
                     continue
                 path = os.path.join(out_dir, job.file_name)
-                with atomic_path(path) as tmp:
+                with reporting_write_failures(path, "image"), atomic_path(path) as tmp:
                     image.save(tmp, format="PNG")
                 record = {"file_name": job.file_name, **{k: v for k, v in job.row.items() if k != "file_name"},
                           "prompt": job.request.prompt, "seed": job.request.seed,
                           "guidance_scale": job.request.guidance_scale, "height": image.height,
                           "width": image.width, **shared}
-                meta.write(json.dumps(record, ensure_ascii=False) + "\n")
+                meta.write(to_json(record, ensure_ascii=False) + "\n")
                 meta.flush()
 
     generate_with_method(model, [j.request for j in todo], method, cfg.concept,
@@ -202,7 +202,7 @@ def merge_metadata(out_dir: str) -> int:
     """Fold the per-process metadata files into one ``metadata.jsonl`` in job order."""
     records = read_metadata(out_dir)
     ordered = sorted(records.values(), key=lambda r: r["file_name"])
-    write_text(os.path.join(out_dir, METADATA), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    write_text(os.path.join(out_dir, METADATA), "".join(to_json(r, ensure_ascii=False) + "\n" for r in ordered))
     for name in os.listdir(out_dir):
         if name.startswith("metadata.") and name.endswith(".jsonl") and name != METADATA:
             os.remove(os.path.join(out_dir, name))
@@ -238,6 +238,7 @@ def run(cfg: GenerateConfig, progress: bool = True) -> dict:
     settings = describe_method(method_name(cfg), cfg.concept, cfg.method_settings)
     all_jobs = jobs(cfg)
     state = distributed_state()
+    check_writable_dir(cfg.out, "out")
     os.makedirs(cfg.out, exist_ok=True)
     done = read_metadata(cfg.out)
     check_existing(cfg, all_jobs, done, settings)
@@ -260,7 +261,7 @@ def run(cfg: GenerateConfig, progress: bool = True) -> dict:
                    "method": method_name(cfg), "model": cfg.model}
         run_info = {"config": dataclasses.asdict(cfg), "method": method_name(cfg), "processes": state.num_processes,
                     "python": platform.python_version()}
-        write_text(os.path.join(cfg.out, "generation.json"), json.dumps(run_info, indent=2) + "\n")
+        write_text(os.path.join(cfg.out, "generation.json"), to_json(run_info, indent=2) + "\n")
     state.wait_for_everyone()
     return summary
 
@@ -282,10 +283,10 @@ def main(argv=None):
     parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)
-    overrides = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAGS.items()
+    overrides = [f"{key}={to_json(getattr(args, flag))}" for flag, key in FLAGS.items()
                  if getattr(args, flag) is not None]
     if args.prompt:
-        overrides.append(f"prompt={json.dumps(args.prompt)}")
+        overrides.append(f"prompt={to_json(args.prompt)}")
     cfg = load_config(GenerateConfig, args.config, [*overrides, *args.overrides])
     summary = run(cfg)
     if summary.get("out"):

@@ -14,6 +14,7 @@ import yaml
 
 from sdd.config import load_config
 from sdd.errors import UserError, run_main
+from sdd.files import check_writable_dir, remove_stale_temporaries, reporting_write_failures
 from sdd.loop import list_checkpoints, load_method_checkpoint
 from sdd.methods import registry
 
@@ -50,9 +51,14 @@ def main(argv=None):
         if not os.path.isdir(checkpoint):
             raise UserError(f"--checkpoint: no such checkpoint: {checkpoint}")
 
+    out = args.out or args.run_dir
+    check_writable_dir(out, "--out")
     method = method_cls(cfg)
     load_method_checkpoint(method, checkpoint)
-    written = method.export(args.out or args.run_dir)
+    for folder in {args.run_dir, out}:  # what killed exports left behind
+        remove_stale_temporaries(folder)
+    with reporting_write_failures(out, "export"):
+        written = method.export(out)
     print(f"exported {checkpoint}:")
     for key, path in written.items():
         print(f"  {key:9s} {path}")

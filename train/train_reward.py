@@ -9,17 +9,16 @@ Writes OUT/reward/ (model.safetensors + reward.json) and the held-out accuracy i
 
 from __future__ import annotations
 
-import json
-
 from hfi.reward import RewardConfig, RewardMethod, add_to_summary
 from sdd.errors import run_main
+from sdd.files import to_json
 from sdd.loop import train_main
 
 
 def report(cfg, method) -> None:
     metrics = method.metrics()
     add_to_summary(cfg.output_dir, "reward_metrics", metrics)  # held-out accuracy in the run summary
-    print("reward metrics:", json.dumps({k: v for k, v in metrics.items() if k != "mode"}))
+    print("reward metrics:", to_json({k: v for k, v in metrics.items() if k != "mode"}))
 
 
 def main(argv=None):

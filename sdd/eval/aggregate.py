@@ -166,11 +166,21 @@ def from_rate(rate) -> dict:
             "interval": "wilson", "confidence": 0.95}
 
 
+def number(value) -> float:
+    """A summary field as a float: ``None`` (how strict JSON stores NaN) and missing fields are NaN."""
+    return math.nan if value is None or isinstance(value, bool) else float(value)
+
+
+def has_value(summary: Optional[dict]) -> bool:
+    """A summary with images behind it and a finite value (reports store "no value" as null)."""
+    return bool(summary) and (summary.get("n") or 0) > 0 and math.isfinite(number(summary.get("value")))
+
+
 def format_summary(summary: Optional[dict]) -> str:
     """How a table cell prints: rates in % with their interval, means to 4 decimals, values to 3."""
-    if not summary or summary.get("n", 0) == 0 or not math.isfinite(summary.get("value", math.nan)):
+    if not has_value(summary):
         return "n/a"
-    v, lo, hi = summary["value"], summary.get("lo", math.nan), summary.get("hi", math.nan)
+    v, lo, hi = summary["value"], number(summary.get("lo")), number(summary.get("hi"))
     if summary["kind"] == "rate":
         return f"{100 * v:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]"
     if summary["kind"] == "mean":

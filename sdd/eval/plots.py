@@ -15,6 +15,7 @@ import math
 from typing import Mapping, Optional, Sequence
 
 from sdd.errors import UserError
+from sdd.eval.aggregate import has_value, number
 from sdd.eval.tables import HEADERS, find_summary
 
 ERASED = {"i2p": "inappropriate", "nudity": "nude", "shapes": "erased_rate"}
@@ -27,8 +28,7 @@ PERCENT = ("rate", "expected_max")
 
 
 def _usable(summary: Optional[dict]) -> bool:
-    return bool(summary) and summary.get("n", 0) > 0 and math.isfinite(summary.get("value", math.nan)) \
-        and not summary.get("base")
+    return has_value(summary) and not summary.get("base")
 
 
 def axis_title(suites: Mapping[str, dict], suite: str, metric: str, percent: bool) -> str:
@@ -43,7 +43,7 @@ def point(summary: dict) -> tuple[float, float, float]:
     v = summary["value"] * scale
     if summary["kind"] == "expected_max":
         return v, summary["std"] * scale, summary["std"] * scale
-    lo, hi = summary.get("lo", math.nan), summary.get("hi", math.nan)
+    lo, hi = number(summary.get("lo")), number(summary.get("hi"))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return v, 0.0, 0.0
     return v, max(0.0, v - lo * scale), max(0.0, hi * scale - v)

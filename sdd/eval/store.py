@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from sdd.files import atomic_path, write_text
+from sdd.files import atomic_path, to_json, write_text
 
 SCORES = "scores.jsonl"
 
@@ -50,7 +50,7 @@ def read_scores(folder: str, scorer: str, key: str) -> dict[str, dict]:
 def append_scores(folder: str, rank: int, scorer: str, key: str, results: Iterable[tuple[str, dict]]) -> None:
     with open(os.path.join(folder, f"scores.rank{rank}.jsonl"), "a", encoding="utf-8") as f:
         for file_name, result in results:
-            f.write(json.dumps({"file_name": file_name, "scorer": scorer, "key": key, "result": result}) + "\n")
+            f.write(to_json({"file_name": file_name, "scorer": scorer, "key": key, "result": result}) + "\n")
         f.flush()
 
 
@@ -108,7 +108,7 @@ def merge(folder: str) -> None:
                         record = json.loads(line)
                     except json.JSONDecodeError:
                         continue
-                    records[(record["scorer"], record["key"], record["file_name"])] = json.dumps(record) + "\n"
+                    records[(record["scorer"], record["key"], record["file_name"])] = to_json(record) + "\n"
         write_text(os.path.join(folder, SCORES), "".join(records[k] for k in sorted(records)))
         for name in shards:
             os.remove(os.path.join(folder, name))
@@ -134,4 +134,4 @@ def read_json(path: str) -> Optional[dict]:
 
 def write_json(path: str, data) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
+    write_text(path, to_json(data, indent=2, ensure_ascii=False) + "\n")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -27,7 +26,7 @@ import numpy as np
 from sdd.errors import UserError
 from sdd.eval import aggregate as agg
 from sdd.eval.schema import I2P_CATEGORIES, OVERALL, TINY_RANDOM, EvalConfig
-from sdd.files import file_sha256
+from sdd.files import file_sha256, to_json
 
 # ------------------------------------------------------------------------------------------------- scorers
 
@@ -44,7 +43,7 @@ class ScorerSpec:
 
     @property
     def key(self) -> str:
-        text = json.dumps({"scorer": self.name, **self.settings}, sort_keys=True)
+        text = to_json({"scorer": self.name, **self.settings}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

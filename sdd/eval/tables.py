@@ -14,9 +14,9 @@ blank.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Optional, Sequence
 
+from sdd.eval.aggregate import has_value
 from sdd.eval.schema import OVERALL
 
 # Column headings when a table column gives none (the papers' names).
@@ -52,7 +52,7 @@ def format_cell(summary: dict) -> str:
 
 
 def _has_number(summary: Optional[dict]) -> bool:
-    return bool(summary) and summary.get("n", 0) > 0 and math.isfinite(summary.get("value", math.nan))
+    return has_value(summary)
 
 
 def find_summary(section: dict, metric: str, category: Optional[str], label: str) -> tuple[Optional[dict], str]:

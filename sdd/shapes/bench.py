@@ -14,7 +14,6 @@ The oracle (``sdd.shapes.oracle``) judges every image. Rates come with 95 % Wils
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import platform
 import time
@@ -23,6 +22,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
+from sdd.files import to_json
 from sdd.generation import Request
 from sdd.shapes import oracle, world
 from sdd.stats import Rate, wilson
@@ -198,7 +198,7 @@ def run(rows: Sequence[Row], settings: BenchSettings, out_dir: str | None = None
         from sdd.files import atomic_path, write_text
 
         os.makedirs(out_dir, exist_ok=True)
-        write_text(os.path.join(out_dir, "bench.json"), json.dumps(report, indent=2) + "\n")
+        write_text(os.path.join(out_dir, "bench.json"), to_json(report, indent=2) + "\n")
         with atomic_path(os.path.join(out_dir, "grid.png")) as tmp:
             grid(rows, settings).save(tmp, format="PNG")
         report["files"] = {"json": os.path.join(out_dir, "bench.json"), "grid": os.path.join(out_dir, "grid.png")}

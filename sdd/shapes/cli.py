@@ -11,11 +11,11 @@ folder; METHOD a generation method (``sd``, the default, or a baseline such as `
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from sdd.errors import UserError, run_main
+from sdd.files import to_json
 
 
 def parse_model(spec: str):
@@ -70,7 +70,7 @@ def cmd_read(args) -> None:
         if not os.path.isfile(path):
             raise UserError(f"no such image: {path}")
         r = read(Image.open(path).convert("RGB"))
-        print(json.dumps({"image": path, "colour": r.colour, "shape": r.shape, "pixels": r.pixels}))
+        print(to_json({"image": path, "colour": r.colour, "shape": r.shape, "pixels": r.pixels}))
 
 
 def cmd_ship(args) -> None:
