@@ -68,6 +68,11 @@ class TrainConfig:
     checkpoints_total_limit: Optional[int] = 3  # null keeps all
     log_every: int = 10
     resume: Optional[str] = None  # 'latest' or a checkpoint folder; the --resume flag sets it
+    # resume although the config differs from the checkpoint's (--allow-config-change); recorded in the run folder
+    allow_config_change: bool = False
+    # optimizer steps with a non-finite loss or gradients that may be skipped (update dropped) before the run
+    # stops; 0: stop at the first
+    skip_nonfinite_steps: int = 0
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "gradient_accumulation_steps", "log_every"):
@@ -76,6 +81,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+        _check(self.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps", "must be >= 0")
         _check(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             "train.max_grad_norm",
@@ -223,6 +229,12 @@ def parse_args(schema: type[T], argv: Sequence[str] | None, description: str) ->
         default=None,
         help="resume from the latest checkpoint in output_dir, or from the given checkpoint folder",
     )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue although the config differs from the checkpoint's (recorded in the run "
+        "folder's config_changes.jsonl)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-5 concepts='[nudity]'")
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
@@ -232,4 +244,6 @@ def parse_args(schema: type[T], argv: Sequence[str] | None, description: str) ->
         args.resume = "latest"
     if args.resume is not None:
         overrides.append(f"train.resume={args.resume}")
+    if args.allow_config_change:
+        overrides.append("train.allow_config_change=true")
     return load_config(schema, args.config, overrides)

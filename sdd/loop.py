@@ -11,11 +11,14 @@ replays exactly the draws of an uninterrupted one and every process sees differe
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,13 +30,34 @@ from torch import nn
 
 from sdd.config import TrackingConfig, TrainConfig
 from sdd.errors import UserError
-from sdd.files import write_text
+from sdd.files import (
+    atomic_path,
+    check_writable_dir,
+    remove_stale_temporaries,
+    reporting_write_failures,
+    to_json,
+    write_failure,
+    write_json,
+    write_text,
+)
 from sdd.generation import image_grid
 from sdd.tracking import Tracker, log_with
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 METHOD_STATE = "method_state.safetensors"
 TRAINER_STATE = "trainer_state.json"
+CONFIG_CHANGES = "config_changes.jsonl"
+
+# keys a resumed run may change without --allow-config-change: how long, how often it saves and logs, where it
+# writes, what it exports, and the exact speed switches; nothing that changes what a step computes
+RESUME_MAY_CHANGE = ("train.steps", "train.resume", "train.allow_config_change", "train.checkpoint_every",
+                     "train.checkpoints_total_limit", "train.log_every", "output_dir", "tracking.", "export.",
+                     "perf.")
+RESUME_MUST_KEEP = ("perf.teacher_precision",)  # a precision switch: changes the numbers
+
+
+class TrainingDiverged(UserError):
+    """A step's loss or gradients were not finite (more often than ``train.skip_nonfinite_steps`` allows)."""
 
 
 class Method(Protocol):
@@ -178,19 +202,40 @@ def _register_checkpoint_hooks(accelerator, method: Method) -> list:
     ]
 
 
-def _save_checkpoint(accelerator, output_dir: str, step: int, micro_step: int, limit: int | None) -> str:
+def _save_checkpoint(accelerator, output_dir: str, state: dict, config_yaml: str, limit: int | None) -> str:
+    """Write checkpoint ``step-NNNNNN`` (``state``: the trainer state, ``step`` among it) under a temporary name
+    and rename it into place. A failed write (disk full, ...) on any process removes the temporary folder and
+    raises one ``UserError`` on every process; the earlier checkpoints stay as they were."""
     root = os.path.join(output_dir, "checkpoints")
-    final = os.path.join(root, f"step-{step:06d}")
-    tmp = final + ".tmp"  # a crash mid-save leaves only a .tmp folder, which resume ignores
+    final = os.path.join(root, f"step-{state['step']:06d}")
+    tmp = final + ".tmp"  # a crash mid-save leaves only a .tmp folder, which resume ignores and removes
+    reason = None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(root, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as err:
+            reason = write_failure(err, root)
+    reason = _agree(accelerator, reason)
+    if reason is None:
+        try:
+            accelerator.save_state(tmp)
+            if accelerator.is_main_process:
+                write_text(os.path.join(tmp, "config.yaml"), config_yaml)  # what the checkpoint was trained with
+                write_text(os.path.join(tmp, TRAINER_STATE), to_json(state))
+        except UserError as err:  # atomic writes report their own failures
+            reason = str(err)
+        except Exception as err:
+            reason = write_failure(err, tmp)
+            if reason is None:
+                raise
+        reason = _agree(accelerator, reason)
+    if reason is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"checkpoint: could not write {tmp}: {reason} (removed it; the earlier checkpoints are "
+                        "intact)")
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-            json.dump({"step": step, "micro_step": micro_step}, f)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -199,6 +244,111 @@ def _save_checkpoint(accelerator, output_dir: str, step: int, micro_step: int, l
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _agree(accelerator, reason: str | None) -> str | None:
+    """Every process learns whether any of them failed (so none waits forever for one that raised)."""
+    if accelerator.num_processes == 1:
+        return reason
+    from accelerate.utils import gather_object
+
+    failed = [r for r in gather_object([reason]) if r]
+    return failed[0] if failed else None
+
+
+# --- the run's checks, before anything is built or written ---------------------------------------------------
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def config_changes(saved: dict, now: dict) -> dict[str, list]:
+    """``{dotted key: [saved value, value now]}`` for every key whose value differs (or exists in one only)."""
+    a, b = _flatten(saved), _flatten(now)
+    missing = "(absent)"
+    return {k: [a.get(k, missing), b.get(k, missing)] for k in sorted(set(a) | set(b)) if a.get(k, missing)
+            != b.get(k, missing)}
+
+
+def may_change_on_resume(key: str) -> bool:
+    return key not in RESUME_MUST_KEEP and any(key == p or (p.endswith(".") and key.startswith(p))
+                                               for p in RESUME_MAY_CHANGE)
+
+
+@dataclass
+class RunPlan:
+    """What the checks before a run decided: the checkpoint to resume (or None) and the config's changes."""
+
+    checkpoint: str | None
+    changes: dict[str, list] = field(default_factory=dict)
+
+
+def plan_run(output_dir: str, train: TrainConfig, config_yaml: str) -> RunPlan:
+    """Every check a run makes before a model is built or a file written; raises one ``UserError`` line.
+
+    The output folder must be creatable and writable; a folder that holds checkpoints is resumed only with
+    ``--resume``; a resumed run must have the checkpoint's config, but for the keys of ``RESUME_MAY_CHANGE``,
+    unless ``train.allow_config_change`` (``--allow-config-change``) says the change is meant.
+    """
+    import yaml
+
+    check_writable_dir(output_dir)
+    if not train.resume:
+        if list_checkpoints(output_dir):
+            raise UserError(
+                f"output_dir {output_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                "or choose another output_dir"
+            )
+        return RunPlan(None)
+    checkpoint = resolve_checkpoint(output_dir, train.resume)
+    if checkpoint is None:
+        return RunPlan(None)
+    saved_path = next((p for p in (os.path.join(checkpoint, "config.yaml"), os.path.join(output_dir, "config.yaml"))
+                       if os.path.isfile(p)), None)
+    if saved_path is None:
+        return RunPlan(checkpoint)
+    with open(saved_path, encoding="utf-8") as f:
+        saved = yaml.safe_load(f) or {}
+    changes = config_changes(saved, yaml.safe_load(config_yaml) or {})
+    refused = [k for k in changes if not may_change_on_resume(k)]
+    if refused and not train.allow_config_change:
+        listed = ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in refused[:4])
+        more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+        raise UserError(
+            f"--resume: this config differs from the one {checkpoint} was trained with ({saved_path}) in "
+            f"{listed}{more}: resume with the same settings, or pass --allow-config-change to continue with the "
+            f"new ones (the change is recorded in {os.path.join(output_dir, CONFIG_CHANGES)})"
+        )
+    return RunPlan(checkpoint, changes)
+
+
+def _start_run_folder(output_dir: str, config_yaml: str, plan: RunPlan, step: int) -> None:
+    """The run's own files, written once its checks passed and its checkpoint loaded (main process)."""
+    with reporting_write_failures(output_dir, "output_dir"):
+        os.makedirs(output_dir, exist_ok=True)
+        removed = remove_stale_temporaries(output_dir)
+        root = os.path.join(output_dir, "checkpoints")
+        if os.path.isdir(root):  # checkpoints a killed run was writing
+            for name in sorted(os.listdir(root)):
+                if name.endswith(".tmp") and CHECKPOINT_RE.match(name[: -len(".tmp")]):
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                    removed.append(os.path.join(root, name))
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) of interrupted writes: "
+                  f"{', '.join(os.path.basename(r) for r in removed[:3])}{' ...' if len(removed) > 3 else ''}",
+                  flush=True)
+        write_text(os.path.join(output_dir, "config.yaml"), config_yaml)
+        if plan.changes:
+            record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      "resumed_from": plan.checkpoint, "step": step, "changes": plan.changes}
+            with open(os.path.join(output_dir, CONFIG_CHANGES), "a", encoding="utf-8") as f:
+                f.write(to_json(record) + "\n")
 
 
 # --- the loop ------------------------------------------------------------------------------------------------
@@ -223,17 +373,28 @@ def params_checksum(method: Method) -> str:
 
 
 def _sample(accelerator, method: Method, tracker: Tracker, output_dir: str, step: int) -> str | None:
-    path = None
+    path, failure = None, None
     if accelerator.is_main_process:
         images, prompts = method.validation_images()
         if images:
             grid = image_grid(images, rows=1, cols=len(images))
             path = os.path.join(output_dir, "samples", f"step-{step:06d}.png")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            grid.save(path)
+            try:
+                with atomic_path(path) as tmp:
+                    grid.save(tmp, format="PNG")
+            except UserError as err:
+                failure = f"sample grid: {err}"
             tracker.log_images("samples", images, prompts, step)
-    accelerator.wait_for_everyone()
+    _raise_on_all(accelerator, failure)
     return path
+
+
+def _raise_on_all(accelerator, failure: str | None) -> None:
+    """Raise ``failure`` (one process's ``UserError`` text) on every process, or wait for all when none failed."""
+    failure = _agree(accelerator, failure)
+    if failure is not None:
+        raise UserError(failure)
+    accelerator.wait_for_everyone()
 
 
 def fit(
@@ -249,19 +410,9 @@ def fit(
     from tqdm.auto import tqdm
 
     main = accelerator.is_main_process
-    checkpoint = None
-    if train.resume:
-        checkpoint = resolve_checkpoint(output_dir, train.resume)
-        if checkpoint is None and main:
-            print(f"no checkpoint in {output_dir}/checkpoints; starting a new run", flush=True)
-    elif list_checkpoints(output_dir):
-        raise UserError(
-            f"output_dir {output_dir} already holds checkpoints of a run: pass --resume to continue it, "
-            "or choose another output_dir"
-        )
-    if main:
-        os.makedirs(output_dir, exist_ok=True)
-        write_text(os.path.join(output_dir, "config.yaml"), config_yaml)
+    plan = plan_run(output_dir, train, config_yaml)
+    if train.resume and plan.checkpoint is None and main:
+        print(f"no checkpoint in {output_dir}/checkpoints; starting a new run", flush=True)
 
     from sdd.perf import make_optimizer
 
@@ -276,58 +427,103 @@ def fit(
     )
     model, optimizer, lr_scheduler = accelerator.prepare(method.model, optimizer, lr_scheduler)
     hooks = _register_checkpoint_hooks(accelerator, method)
-    tracker = Tracker(accelerator, tracking, config, output_dir)
 
-    step = 0
-    if checkpoint is not None:
-        accelerator.load_state(checkpoint)
-        with open(os.path.join(checkpoint, TRAINER_STATE)) as f:
-            step = json.load(f)["step"]
+    step, skipped = 0, 0
+    saved_step = None  # the step of the last checkpoint this run wrote
+    if plan.checkpoint is not None:
+        accelerator.load_state(plan.checkpoint)
+        with open(os.path.join(plan.checkpoint, TRAINER_STATE)) as f:
+            state = json.load(f)
+        step, skipped = state["step"], state.get("skipped_steps", 0)
+        if any(k.startswith(("train.lr", "train.weight_decay", "train.adam_")) for k in plan.changes):
+            _apply_optimizer_settings(optimizer, lr_scheduler, train)  # the checkpoint restored the old ones
         if main:
-            print(f"resumed from {checkpoint} at step {step}", flush=True)
+            print(f"resumed from {plan.checkpoint} at step {step}", flush=True)
+    if main:  # the checks passed and the checkpoint loaded: only now does the run write its files
+        _start_run_folder(output_dir, config_yaml, plan, step)
+    accelerator.wait_for_everyone()
+    tracker = Tracker(accelerator, tracking, config, output_dir)
     micro_step = step * train.gradient_accumulation_steps
+
+    def trainer_state() -> dict:
+        return {"step": step, "micro_step": micro_step, "skipped_steps": skipped}
 
     bar = tqdm(total=train.steps, initial=step, desc="training", unit="step", disable=not main, dynamic_ncols=True)
     window: list[torch.Tensor] = []
     last_loss = float("nan")
     started = time.perf_counter()
     first_step = step
-    while step < train.steps:
-        with accelerator.accumulate(model):
-            generator = step_generator(train.seed, accelerator.process_index, micro_step)
-            with accelerator.autocast():
-                loss, logs = method.compute_loss(model, micro_step, generator)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and train.max_grad_norm:
-                accelerator.clip_grad_norm_(params, train.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro_step += 1
-        window.append(loss.detach().float())
-        if not accelerator.sync_gradients:
-            continue
-        with full_parameters(accelerator, model):
-            method.after_optimizer_step()
-        step += 1
-        bar.update(1)
-        if step % train.log_every == 0 or step == train.steps:
-            last_loss = accelerator.reduce(torch.stack(window).mean(), reduction="mean").item()
-            window.clear()
-            lr = lr_scheduler.get_last_lr()[0]
-            bar.set_postfix(loss=f"{last_loss:.4g}", lr=f"{lr:.2g}")
-            scalars = {"train/loss": last_loss, "train/lr": lr}
-            scalars.update({f"train/{k}": float(v) for k, v in logs.items()})
-            tracker.log_scalars(scalars, step)
-        if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
-            _save_checkpoint(accelerator, output_dir, step, micro_step, train.checkpoints_total_limit)
-        if tracking.sample_every and step % tracking.sample_every == 0 and step < train.steps:
+    device = accelerator.device
+    # non-finite loss (any micro-step of the optimizer step) / gradients; read once per optimizer step
+    nonfinite = torch.zeros(2, dtype=torch.bool, device=device)
+    try:
+        while step < train.steps:
+            with accelerator.accumulate(model):
+                generator = step_generator(train.seed, accelerator.process_index, micro_step)
+                with accelerator.autocast():
+                    loss, logs = method.compute_loss(model, micro_step, generator)
+                accelerator.backward(loss)
+                nonfinite[0] |= ~torch.isfinite(loss.detach()).all()
+                drop_update = False
+                if accelerator.sync_gradients:
+                    # the norm before clipping (no clipping when max_grad_norm is null: the factor is 1)
+                    norm = accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf)
+                    if norm is not None and accelerator.scaler is None:  # fp16's scaler handles overflow itself
+                        nonfinite[1] |= ~torch.isfinite(torch.as_tensor(norm, device=device)).all()
+                    bad_loss, bad_grad = _nonfinite_everywhere(accelerator, nonfinite)
+                    nonfinite.zero_()
+                    if bad_loss or bad_grad:
+                        skipped += 1
+                        if skipped > train.skip_nonfinite_steps:
+                            suspect = _set_aside(accelerator, output_dir, step) if saved_step == step else None
+                            raise TrainingDiverged(_divergence_message(
+                                step + 1, bad_loss, loss, train, output_dir, suspect))
+                        drop_update = True
+                        if main:
+                            bar.write(f"step {step + 1}: non-finite {'loss' if bad_loss else 'gradients'}, update "
+                                      f"skipped ({skipped} of train.skip_nonfinite_steps="
+                                      f"{train.skip_nonfinite_steps})", file=sys.stderr)
+                if not drop_update:
+                    optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            window.append(loss.detach().float())
+            if not accelerator.sync_gradients:
+                continue
             with full_parameters(accelerator, model):
-                _sample(accelerator, method, tracker, output_dir, step)
+                method.after_optimizer_step()
+            step += 1
+            bar.update(1)
+            if step % train.log_every == 0 or step == train.steps:
+                finite = [x for x in window if torch.isfinite(x)] or window  # a skipped step's loss is not averaged
+                last_loss = accelerator.reduce(torch.stack(finite).mean(), reduction="mean").item()
+                window.clear()
+                lr = lr_scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{last_loss:.4g}", lr=f"{lr:.2g}")
+                scalars = {"train/loss": last_loss, "train/lr": lr}
+                if train.skip_nonfinite_steps:
+                    scalars["train/skipped_steps"] = skipped
+                scalars.update({f"train/{k}": float(v) for k, v in logs.items()})
+                tracker.log_scalars(scalars, step)
+            if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
+                _save_checkpoint(accelerator, output_dir, trainer_state(), config_yaml,
+                                 train.checkpoints_total_limit)
+                saved_step = step
+            if tracking.sample_every and step % tracking.sample_every == 0 and step < train.steps:
+                with full_parameters(accelerator, model):
+                    _sample(accelerator, method, tracker, output_dir, step)
+    except BaseException:  # diverged, a checkpoint write failed, interrupted: end the bar, so the error stands alone
+        bar.close()
+        with contextlib.suppress(Exception):
+            tracker.finish()
+        for hook in hooks:
+            hook.remove()
+        raise
     bar.close()
     seconds = time.perf_counter() - started
 
-    _save_checkpoint(accelerator, output_dir, step, micro_step, train.checkpoints_total_limit)
+    final = _save_checkpoint(accelerator, output_dir, trainer_state(), config_yaml, train.checkpoints_total_limit)
     from accelerate.utils import gather_object
 
     exports: dict[str, str] = {}
@@ -336,27 +532,88 @@ def fit(
         checksums = gather_object([params_checksum(method)])
         if len(set(checksums)) != 1:
             raise RuntimeError(f"parameters diverged across processes: {checksums}")
+        failure = None
         if main:
-            exports = method.export(output_dir)
+            try:
+                with reporting_write_failures(output_dir, "export"):
+                    exports = method.export(output_dir)
+            except UserError as err:
+                failure = (f"{err}; the trained weights are safe in {final}: make room and run "
+                           f"`sdd-export {output_dir}` to write the export")
+        _raise_on_all(accelerator, failure)
+        if main:
+            summary = {
+                "steps": step,
+                "steps_this_run": step - first_step,
+                "seconds_this_run": round(seconds, 2),
+                "steps_per_second": round((step - first_step) / seconds, 3) if seconds > 0 else None,
+                "final_loss": last_loss,
+                "final_lr": lr_scheduler.get_last_lr()[0],
+                "skipped_steps": skipped,
+                "num_processes": accelerator.num_processes,
+                "param_checksums": checksums,
+                "exports": exports,
+                "samples": sample_path,
+            }
+            write_json(os.path.join(output_dir, "train_summary.json"), summary)
         accelerator.wait_for_everyone()
-        summary = {
-            "steps": step,
-            "steps_this_run": step - first_step,
-            "seconds_this_run": round(seconds, 2),
-            "steps_per_second": round((step - first_step) / seconds, 3) if seconds > 0 else None,
-            "final_loss": last_loss,
-            "num_processes": accelerator.num_processes,
-            "param_checksums": checksums,
-            "exports": exports,
-            "samples": sample_path,
-        }
-        write_text(os.path.join(output_dir, "train_summary.json"), json.dumps(summary, indent=2) + "\n")
-    accelerator.wait_for_everyone()
     tracker.finish()
     for hook in hooks:
         hook.remove()
     accelerator.free_memory()  # the script may train another stage with the same accelerator
     return FitResult(step, seconds, last_loss, exports, checksums)
+
+
+def _apply_optimizer_settings(optimizer, lr_scheduler, train: TrainConfig) -> None:
+    """The config's learning rate, weight decay and Adam settings over the ones a loaded checkpoint restored
+    (a resume with ``--allow-config-change``); the schedule keeps its position."""
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    groups = getattr(optimizer, "optimizer", optimizer).param_groups
+    inner.base_lrs = [train.lr] * len(groups)
+    lambdas = getattr(inner, "lr_lambdas", [lambda _: 1.0] * len(groups))
+    for group, factor in zip(groups, lambdas):
+        group.update(initial_lr=train.lr, lr=train.lr * factor(inner.last_epoch), weight_decay=train.weight_decay,
+                     betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
+    inner._last_lr = [group["lr"] for group in groups]
+
+
+def _nonfinite_everywhere(accelerator, flags: torch.Tensor) -> tuple[bool, bool]:
+    """(loss, gradients) non-finite on any process: every process takes the same decision."""
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags.float(), reduction="sum") > 0
+    bad_loss, bad_grad = flags.tolist()
+    return bool(bad_loss), bool(bad_grad)
+
+
+def _set_aside(accelerator, output_dir: str, step: int) -> str:
+    """Rename the checkpoint of ``step`` to ``step-NNNNNN.diverged``: its weights gave the non-finite loss, and
+    resuming from it would replay the same draws into the same loss. Resume and export no longer see it."""
+    path = os.path.join(output_dir, "checkpoints", f"step-{step:06d}")
+    aside = path + ".diverged"
+    if accelerator.is_main_process and os.path.isdir(path):
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+    accelerator.wait_for_everyone()
+    return aside
+
+
+def _divergence_message(step: int, bad_loss: bool, loss: torch.Tensor, train: TrainConfig,
+                        output_dir: str, suspect: str | None) -> str:
+    what = f"non-finite loss ({loss.detach().float().item():g})" if bad_loss else "non-finite gradients"
+    if bad_loss and step == 1:
+        cause = ("before any update, so a setting overflows the forward pass (e.g. a guidance scale far too "
+                 "large) or the model's weights are not finite")
+    elif bad_loss:
+        cause = f"the updates diverged: train.lr={train.lr:g} is likely too high for this model"
+    else:
+        cause = (f"the gradients overflow: lower train.lr (now {train.lr:g}), set train.max_grad_norm, or train "
+                 "in bf16 rather than fp16")
+    found = list_checkpoints(output_dir)
+    kept = f"the last good checkpoint is {found[-1]}" if found else "no good checkpoint was written"
+    if suspect:
+        kept += f"; the one of step {step - 1}, whose weights gave this loss, was moved to {suspect}"
+    return (f"training stopped at step {step}: {what}; {cause}. Nothing was exported; {kept} "
+            f"(train.skip_nonfinite_steps=N skips up to N such steps instead)")
 
 
 def describe(result: FitResult, output_dir: str) -> str:
@@ -378,6 +635,7 @@ def train_main(schema, method_cls, argv, description: str, on_done=None) -> FitR
     from sdd.config import parse_args, to_dict, to_yaml
 
     cfg = parse_args(schema, argv, description=description)
+    plan_run(cfg.output_dir, cfg.train, to_yaml(cfg))  # the run's checks, before a model is built
     accelerator = make_accelerator(cfg.train, cfg.tracking, cfg.output_dir)
     method = method_cls(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
     result = fit(accelerator, method, cfg.train, cfg.tracking, cfg.output_dir, to_dict(cfg), to_yaml(cfg))

@@ -33,5 +33,8 @@ def test_two_processes_keep_identical_parameters(tmp_path):
     assert len(summary["param_checksums"]) == 2
     assert summary["param_checksums"][0] == summary["param_checksums"][1]
     assert "parameters identical on all: True" in stdout
+    # the run record is the main process's: it lists the exports (rank 1 used to overwrite it with none)
+    assert set(summary["exports"]) == {"pipeline", "unet", "config", "card"}
+    assert summary["samples"] == str(out / "samples" / "step-000004.png")
     # both processes wrote their RNG state into each checkpoint
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(out / "checkpoints" / "step-000004"))
