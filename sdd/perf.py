@@ -78,9 +78,16 @@ def sampling_autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def ema_loop_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """The original code's EMA: a Python loop over every parameter, frozen ones included."""
+    """The original code's EMA: a Python loop over every parameter, frozen ones included.
+
+    A tensor the two modules share (``perf.share_frozen``) is skipped: updating it in place would scale the
+    student's own frozen weight by m(2 - m) each step. ``lerp`` leaves a frozen copy that equals the student's
+    bit for bit (x + w(x - x) = x; the original's m·x + (1 - m)·x is off by round-off).
+    """
     for param, ema_param in zip(student.parameters(), teacher.parameters()):
-        ema_param.data.mul_(decay).add_(param.data, alpha=1 - decay)
+        if ema_param is param:
+            continue
+        ema_param.lerp_(param, 1.0 - decay)
 
 
 def make_optimizer(params, train) -> torch.optim.Optimizer:
