@@ -1,11 +1,12 @@
-"""Human feedback inversion: labels -> reward model -> a learned token that stands for a concept.
+"""Human feedback inversion, the people's side: people (or a detector) label generated images, and the whole loop.
 
-- `hfi.feedback`: the feedback store (binary labels or rankings of generated images), exported as a
-  `datasets.Dataset`; `hfi.label_app` is the web app people answer in (`hfi-label`, needs the `label` extra);
-- `hfi.auto_feedback`: the same records from a detector, with simulated annotator noise (`hfi-autolabel`);
-- `hfi.embeddings` + `hfi.reward`: the reward model, an MLP on frozen CLIP image embeddings, trained with MSE
-  (binary) or Bradley-Terry (rankings) through the shared loop (`train/train_reward.py`);
-- `hfi.inversion`: reward-weighted textual inversion of one new token (`train/train_hfi.py`), exported as a
-  `learned_embeds.safetensors` that SDD, ESD, SLD and the negative-prompt baseline take as their concept;
-- `hfi.loop`: the whole loop on ShapesWorld in one run (`hfi-loop`).
+- ``hfi.label_app``: the web app people answer in (``hfi-label``, needs the ``label`` extra); answers go to the
+  feedback store (``sdd.feedback``), exported as a ``datasets.Dataset``;
+- ``hfi.auto_feedback``: the same records from a detector, with simulated annotator noise (``hfi-autolabel``);
+- ``hfi.experiment``: the whole loop on ShapesWorld in one run (``hfi-loop``): images, feedback, reward model,
+  token, SDD with the token and with the word, the benchmark.
+
+HFI's two trained parts are methods like any other (``sdd.methods.reward``: the reward model on CLIP image
+embeddings, ``sdd/embeddings.py``; ``sdd.methods.hfi``: reward-weighted textual inversion of the token), trained by
+``train/train_reward.py`` and ``train/train_hfi.py``.
 """

@@ -6,7 +6,7 @@
 
 Detectors (any of the evaluation harness): ``shapes:CONCEPT`` (the ShapesWorld oracle), ``nudenet[:PRESET]``,
 ``q16:PROMPTS_FILE`` and ``i2p:PROMPTS_FILE`` (Q16 OR NudeNet). The answers go through
-``hfi.feedback.FeedbackStore`` into ``DIR/feedback.jsonl`` under the annotator ``auto@<detector>`` (``--annotator``
+``sdd.feedback.FeedbackStore`` into ``DIR/feedback.jsonl`` under the annotator ``auto@<detector>`` (``--annotator``
 to simulate several), so everything downstream (reward model, dataset export) cannot tell them from people's.
 
 Simulated annotator noise, rate p (``--noise``): every judgement of an image is wrong with probability p.
@@ -87,11 +87,11 @@ def make_detector(spec: str, clip: Optional[str] = None, device: str = "cpu"):
             raise UserError("--detector shapes:CONCEPT needs a concept, e.g. shapes:red")
         return ShapesOracle(arg), arg
     if kind == "nudenet":
-        from sdd.eval.detectors import NudeNet
+        from sdd.detectors import NudeNet
 
         return NudeNet(arg or "i2p"), "nudity"
     if kind in ("q16", "i2p"):
-        from sdd.eval.detectors import Q16, NudeNet, i2p_detector
+        from sdd.detectors import Q16, NudeNet, i2p_detector
 
         if not arg:
             raise UserError(f"--detector {kind}:PROMPTS needs Q16's prompt embeddings (.npy or .safetensors)")
@@ -122,7 +122,7 @@ def autolabel(
     batch_size: int = 64,
 ) -> dict:
     """Answer every unit of IMAGE_DIR not yet answered by ``annotator``; returns the run's summary."""
-    from hfi.feedback import FeedbackStore, append_record, unit_key, validate_annotator
+    from sdd.feedback import FeedbackStore, append_record, unit_key, validate_annotator
     from sdd.files import write_text
 
     if not 0.0 <= noise <= 1.0:

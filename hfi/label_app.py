@@ -3,7 +3,7 @@
     hfi-label IMAGE_DIR --feedback FEEDBACK_DIR [--mode binary|ranking] [--m 5] [--concept TEXT]
               [--reference DIR] [--host 127.0.0.1] [--port N]
 
-A thin Gradio front end over `hfi.feedback.FeedbackStore`, which validates and stores every answer. An
+A thin Gradio front end over `sdd.feedback.FeedbackStore`, which validates and stores every answer. An
 annotator logs in with a name; binary mode shows one image, its prompt and "Does this image show <concept>?"
 with Yes / No / Skip (keys y / n / s); ranking mode shows a set of M images with a rank 1..M or X each (Enter
 submits). Coming back under the same name continues where the annotator stopped.
@@ -26,8 +26,8 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
-from hfi.feedback import EXCLUDED, FeedbackStore, Item, unit_key, validate_annotator  # noqa: E402
 from sdd.errors import UserError, run_main  # noqa: E402
+from sdd.feedback import EXCLUDED, FeedbackStore, Item, unit_key, validate_annotator  # noqa: E402
 
 REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

@@ -162,10 +162,12 @@ def _yaml_booleans_to_choices(schema: type, layer) -> None:
                 layer[key] = word
 
 
-def load_config(schema: type[T], config_path: str | None = None, overrides: Sequence[str] = ()) -> T:
-    """Merge ``schema <- YAML <- overrides`` and return a validated instance of ``schema``."""
-    base = OmegaConf.structured(schema)
-    layers = [base]
+def load_config(schema: type[T], config_path: str | None = None, overrides: Sequence[str] = (),
+                base: str | None = None) -> T:
+    """Merge ``schema <- base (YAML text) <- YAML file <- overrides`` and return a validated instance of ``schema``."""
+    layers = [OmegaConf.structured(schema)]
+    if base is not None:
+        layers.append(OmegaConf.create(base))
     if config_path is not None:
         if not os.path.isfile(config_path):
             raise ConfigError(f"config error: --config: no such file: {config_path}")
@@ -208,6 +210,11 @@ def load_config(schema: type[T], config_path: str | None = None, overrides: Sequ
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         raise ConfigError(f"config error: {key + ': ' if key else ''}{_first_line(err)}") from None
+
+
+def merge_overrides(cfg: T, overrides: Sequence[str] = ()) -> T:
+    """A config object with ``key=value`` overrides applied, validated as ``load_config`` validates a file."""
+    return load_config(type(cfg), None, overrides, base=to_yaml(cfg)) if overrides else cfg
 
 
 def to_yaml(cfg: Any) -> str:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from sdd.models import SDComponents
-from sdd.sampling import cfg, encode_prompts
+from sdd.sampling import classifier_free_guidance, encode_prompts
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class CFGGuidance:
         return None
 
     def combine(self, eps_uncond, eps_prompt, eps_extra, guidance_scale, step, state):
-        return cfg(eps_uncond, eps_prompt, guidance_scale), state
+        return classifier_free_guidance(eps_uncond, eps_prompt, guidance_scale), state
 
 
 def initial_latent(seed: int, shape: Sequence[int], init_noise_sigma: float = 1.0) -> torch.Tensor:

@@ -61,25 +61,47 @@ class TrainingDiverged(UserError):
 
 
 class Method(Protocol):
+    """What the loop needs of a method: the module to train, a loss, an export. Nothing else is required.
+
+    Optional hooks, each with the default the loop uses when a method has none (``hook``):
+
+    - ``after_optimizer_step()``: after each optimizer step (SDD: the EMA teacher; HFI: restore frozen rows);
+      default nothing;
+    - ``extra_state() -> dict[str, Tensor]`` / ``load_extra_state(state)``: tensors besides the trainable
+      parameters that a checkpoint must hold (the EMA teacher); default none;
+    - ``validation_images() -> (images, prompts)``: the sample grid; default none;
+    - ``summary() -> dict``: the method's own results, added to ``train_summary.json`` (the reward model's
+      held-out accuracy); default none.
+
+    Every method class is built as ``cls(cfg, device, process_index, num_processes)``.
+    """
+
     model: nn.Module  # the module whose trainable parameters the optimizer updates
 
-    def compute_loss(self, model: nn.Module, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """Loss of micro-step ``step``; ``model`` is the prepared (possibly wrapped) ``self.model``."""
+    def compute_loss(self, model: nn.Module, micro_step: int, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, dict]:
+        """Loss of micro-step ``micro_step`` (counted over the whole run, accumulation included); ``model`` is the
+        prepared (possibly wrapped) ``self.model``; ``generator`` the step's own seeded generator."""
         ...
 
-    def after_optimizer_step(self) -> None: ...
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        """Tensors besides the trainable parameters that a checkpoint must hold (e.g. the EMA teacher)."""
+    def export(self, output_dir: str) -> dict[str, str]:
+        """Write what the run produced into ``output_dir``; return {kind: path}."""
         ...
 
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
-    def validation_images(self) -> tuple[list, list[str]]:
-        """Images of the fixed validation prompts (and the prompts), or ``([], [])``."""
-        ...
+OPTIONAL_HOOKS = {
+    "after_optimizer_step": lambda: None,
+    "extra_state": dict,
+    "load_extra_state": lambda state: None,
+    "validation_images": lambda: ([], []),
+    "summary": dict,
+}
 
-    def export(self, output_dir: str) -> dict[str, str]: ...
+
+def hook(method, name: str):
+    """``method``'s optional hook ``name``, or the loop's default for it."""
+    found = getattr(method, name, None)
+    return found if found is not None else OPTIONAL_HOOKS[name]
 
 
 @contextlib.contextmanager
@@ -163,7 +185,7 @@ def load_method_checkpoint(method: Method, checkpoint_dir: str) -> None:
     load_trainable(method.model, os.path.join(checkpoint_dir, "model.safetensors"))
     state_path = os.path.join(checkpoint_dir, METHOD_STATE)
     if os.path.isfile(state_path):
-        method.load_extra_state(load_file(state_path))
+        hook(method, "load_extra_state")(load_file(state_path))
 
 
 def _register_checkpoint_hooks(accelerator, method: Method) -> list:
@@ -174,14 +196,14 @@ def _register_checkpoint_hooks(accelerator, method: Method) -> list:
             names = {n for n, p in model.named_parameters() if p.requires_grad}
             weights[i] = {k: v for k, v in weights[i].items() if k in names}
         if accelerator.is_main_process:
-            extra = {k: v.detach().cpu().contiguous() for k, v in method.extra_state().items()}
+            extra = {k: v.detach().cpu().contiguous() for k, v in hook(method, "extra_state")().items()}
             if extra:
                 save_file(extra, os.path.join(output_dir, METHOD_STATE))
 
     def load_extra(input_dir):
         state_path = os.path.join(input_dir, METHOD_STATE)
         if os.path.isfile(state_path):
-            method.load_extra_state(load_file(state_path))
+            hook(method, "load_extra_state")(load_file(state_path))
 
     def load_hook(models, input_dir):
         for i, model in enumerate(list(models)):
@@ -361,11 +383,83 @@ class FitResult:
     final_loss: float
     exports: dict[str, str] = field(default_factory=dict)
     checksums: list[str] = field(default_factory=list)
+    output_dir: str = ""
+    summary: dict = field(default_factory=dict)  # the method's own results (its ``summary`` hook)
+    main_process: bool = True  # whether this process is the one that reports
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logs: dict
+    synced: bool  # the micro-step ended an accumulation window: an optimizer step was taken (or dropped)
+    dropped: bool = False  # the optimizer step was dropped (non-finite loss or gradients)
+
+
+class Stepper:
+    """The prepared optimizer, schedule and model of a run, and one micro-step over them: the method's loss,
+    backward and, at the end of an accumulation window, clipping, the non-finite check, the optimizer step and the
+    method's ``after_optimizer_step``. ``fit`` runs it in its loop; ``sdd-bench`` times it: both run this code.
+
+    ``on_nonfinite(bad_loss, bad_grad, loss)`` decides what a non-finite window does: raise (the run stops) or
+    return (the update is dropped). The check reads one flag per optimizer step (one device sync), agreed over
+    processes; under fp16 the gradient scaler handles gradient overflow itself, so only the loss is checked.
+    """
+
+    def __init__(self, accelerator, method: Method, train: TrainConfig):
+        from diffusers.optimization import get_scheduler
+
+        from sdd.perf import make_optimizer
+
+        self.accelerator, self.method, self.train = accelerator, method, train
+        self.params = [p for p in method.model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(self.params, train)
+        # accelerate steps a prepared scheduler once per process per optimizer step
+        lr_scheduler = get_scheduler(
+            train.lr_scheduler,
+            optimizer,
+            num_warmup_steps=train.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=train.steps * accelerator.num_processes,
+        )
+        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(method.model, optimizer, lr_scheduler)
+        self._nonfinite = torch.zeros(2, dtype=torch.bool, device=accelerator.device)
+        self._after_step = hook(method, "after_optimizer_step")
+
+    def __call__(self, micro_step: int, generator: torch.Generator, on_nonfinite) -> StepOutput:
+        accelerator, train = self.accelerator, self.train
+        dropped = False
+        with accelerator.accumulate(self.model):
+            with accelerator.autocast():
+                loss, logs = self.method.compute_loss(self.model, micro_step, generator)
+            accelerator.backward(loss)
+            self._nonfinite[0] |= ~torch.isfinite(loss.detach()).all()
+            if accelerator.sync_gradients:
+                # the norm before clipping (no clipping when max_grad_norm is null: the factor is 1)
+                norm = accelerator.clip_grad_norm_(self.params, train.max_grad_norm or math.inf)
+                if norm is not None and accelerator.scaler is None:
+                    self._nonfinite[1] |= ~torch.isfinite(torch.as_tensor(norm, device=accelerator.device)).all()
+                bad_loss, bad_grad = _nonfinite_everywhere(accelerator, self._nonfinite)
+                self._nonfinite.zero_()
+                if bad_loss or bad_grad:
+                    on_nonfinite(bad_loss, bad_grad, loss)
+                    dropped = True
+            if not dropped:
+                self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        synced = accelerator.sync_gradients
+        if synced:
+            with full_parameters(accelerator, self.model):
+                self._after_step()
+        return StepOutput(loss, logs, synced, dropped)
+
+    def lr(self) -> float:
+        return self.lr_scheduler.get_last_lr()[0]
 
 
 def params_checksum(method: Method) -> str:
     digest = hashlib.sha256()
-    tensors = {**{"model." + k: v for k, v in trainable_state(method.model).items()}, **method.extra_state()}
+    tensors = {**{"model." + k: v for k, v in trainable_state(method.model).items()}, **hook(method, "extra_state")()}
     for name in sorted(tensors):
         digest.update(name.encode())
         digest.update(tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
@@ -375,7 +469,7 @@ def params_checksum(method: Method) -> str:
 def _sample(accelerator, method: Method, tracker: Tracker, output_dir: str, step: int) -> str | None:
     path, failure = None, None
     if accelerator.is_main_process:
-        images, prompts = method.validation_images()
+        images, prompts = hook(method, "validation_images")()
         if images:
             grid = image_grid(images, rows=1, cols=len(images))
             path = os.path.join(output_dir, "samples", f"step-{step:06d}.png")
@@ -397,35 +491,21 @@ def _raise_on_all(accelerator, failure: str | None) -> None:
     accelerator.wait_for_everyone()
 
 
-def fit(
-    accelerator,
-    method: Method,
-    train: TrainConfig,
-    tracking: TrackingConfig,
-    output_dir: str,
-    config: dict,
-    config_yaml: str,
-) -> FitResult:
-    from diffusers.optimization import get_scheduler
+def fit(accelerator, method: Method, cfg) -> FitResult:
+    """Train ``method`` with the run config ``cfg`` (any config with ``train``, ``tracking`` and ``output_dir``):
+    checks, resume, the steps, checkpoints, sample grids, the export and ``train_summary.json``."""
     from tqdm.auto import tqdm
 
+    from sdd.config import to_dict, to_yaml
+
+    train, tracking, output_dir = cfg.train, cfg.tracking, cfg.output_dir
+    config_yaml = to_yaml(cfg)
     main = accelerator.is_main_process
     plan = plan_run(output_dir, train, config_yaml)
     if train.resume and plan.checkpoint is None and main:
         print(f"no checkpoint in {output_dir}/checkpoints; starting a new run", flush=True)
 
-    from sdd.perf import make_optimizer
-
-    params = [p for p in method.model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, train)
-    # accelerate steps a prepared scheduler once per process per optimizer step
-    lr_scheduler = get_scheduler(
-        train.lr_scheduler,
-        optimizer,
-        num_warmup_steps=train.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=train.steps * accelerator.num_processes,
-    )
-    model, optimizer, lr_scheduler = accelerator.prepare(method.model, optimizer, lr_scheduler)
+    stepper = Stepper(accelerator, method, train)
     hooks = _register_checkpoint_hooks(accelerator, method)
 
     step, skipped = 0, 0
@@ -436,89 +516,68 @@ def fit(
             state = json.load(f)
         step, skipped = state["step"], state.get("skipped_steps", 0)
         if any(k.startswith(("train.lr", "train.weight_decay", "train.adam_")) for k in plan.changes):
-            _apply_optimizer_settings(optimizer, lr_scheduler, train)  # the checkpoint restored the old ones
+            # the checkpoint restored the old ones
+            _apply_optimizer_settings(stepper.optimizer, stepper.lr_scheduler, train)
         if main:
             print(f"resumed from {plan.checkpoint} at step {step}", flush=True)
     if main:  # the checks passed and the checkpoint loaded: only now does the run write its files
         _start_run_folder(output_dir, config_yaml, plan, step)
     accelerator.wait_for_everyone()
-    tracker = Tracker(accelerator, tracking, config, output_dir)
+    tracker = Tracker(accelerator, tracking, to_dict(cfg), output_dir)
     micro_step = step * train.gradient_accumulation_steps
 
     def trainer_state() -> dict:
         return {"step": step, "micro_step": micro_step, "skipped_steps": skipped}
+
+    def on_nonfinite(bad_loss: bool, bad_grad: bool, loss: torch.Tensor) -> None:
+        nonlocal skipped
+        skipped += 1
+        if skipped > train.skip_nonfinite_steps:
+            suspect = _set_aside(accelerator, output_dir, step) if saved_step == step else None
+            raise TrainingDiverged(_divergence_message(step + 1, bad_loss, loss, train, output_dir, suspect))
+        if main:
+            bar.write(f"step {step + 1}: non-finite {'loss' if bad_loss else 'gradients'}, update skipped "
+                      f"({skipped} of train.skip_nonfinite_steps={train.skip_nonfinite_steps})", file=sys.stderr)
 
     bar = tqdm(total=train.steps, initial=step, desc="training", unit="step", disable=not main, dynamic_ncols=True)
     window: list[torch.Tensor] = []
     last_loss = float("nan")
     started = time.perf_counter()
     first_step = step
-    device = accelerator.device
-    # non-finite loss (any micro-step of the optimizer step) / gradients; read once per optimizer step
-    nonfinite = torch.zeros(2, dtype=torch.bool, device=device)
     try:
         while step < train.steps:
-            with accelerator.accumulate(model):
-                generator = step_generator(train.seed, accelerator.process_index, micro_step)
-                with accelerator.autocast():
-                    loss, logs = method.compute_loss(model, micro_step, generator)
-                accelerator.backward(loss)
-                nonfinite[0] |= ~torch.isfinite(loss.detach()).all()
-                drop_update = False
-                if accelerator.sync_gradients:
-                    # the norm before clipping (no clipping when max_grad_norm is null: the factor is 1)
-                    norm = accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf)
-                    if norm is not None and accelerator.scaler is None:  # fp16's scaler handles overflow itself
-                        nonfinite[1] |= ~torch.isfinite(torch.as_tensor(norm, device=device)).all()
-                    bad_loss, bad_grad = _nonfinite_everywhere(accelerator, nonfinite)
-                    nonfinite.zero_()
-                    if bad_loss or bad_grad:
-                        skipped += 1
-                        if skipped > train.skip_nonfinite_steps:
-                            suspect = _set_aside(accelerator, output_dir, step) if saved_step == step else None
-                            raise TrainingDiverged(_divergence_message(
-                                step + 1, bad_loss, loss, train, output_dir, suspect))
-                        drop_update = True
-                        if main:
-                            bar.write(f"step {step + 1}: non-finite {'loss' if bad_loss else 'gradients'}, update "
-                                      f"skipped ({skipped} of train.skip_nonfinite_steps="
-                                      f"{train.skip_nonfinite_steps})", file=sys.stderr)
-                if not drop_update:
-                    optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            generator = step_generator(train.seed, accelerator.process_index, micro_step)
+            out = stepper(micro_step, generator, on_nonfinite)
             micro_step += 1
-            window.append(loss.detach().float())
-            if not accelerator.sync_gradients:
+            window.append(out.loss.detach().float())
+            if not out.synced:
                 continue
-            with full_parameters(accelerator, model):
-                method.after_optimizer_step()
             step += 1
             bar.update(1)
             if step % train.log_every == 0 or step == train.steps:
                 finite = [x for x in window if torch.isfinite(x)] or window  # a skipped step's loss is not averaged
                 last_loss = accelerator.reduce(torch.stack(finite).mean(), reduction="mean").item()
                 window.clear()
-                lr = lr_scheduler.get_last_lr()[0]
+                lr = stepper.lr()
                 bar.set_postfix(loss=f"{last_loss:.4g}", lr=f"{lr:.2g}")
                 scalars = {"train/loss": last_loss, "train/lr": lr}
                 if train.skip_nonfinite_steps:
                     scalars["train/skipped_steps"] = skipped
-                scalars.update({f"train/{k}": float(v) for k, v in logs.items()})
+                scalars.update({f"train/{k}": float(v) for k, v in out.logs.items()})
                 tracker.log_scalars(scalars, step)
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
                 _save_checkpoint(accelerator, output_dir, trainer_state(), config_yaml,
                                  train.checkpoints_total_limit)
                 saved_step = step
             if tracking.sample_every and step % tracking.sample_every == 0 and step < train.steps:
-                with full_parameters(accelerator, model):
+                with full_parameters(accelerator, stepper.model):
                     _sample(accelerator, method, tracker, output_dir, step)
     except BaseException:  # diverged, a checkpoint write failed, interrupted: end the bar, so the error stands alone
         bar.close()
         with contextlib.suppress(Exception):
             tracker.finish()
-        for hook in hooks:
-            hook.remove()
+        for h in hooks:
+            h.remove()
         raise
     bar.close()
     seconds = time.perf_counter() - started
@@ -527,7 +586,8 @@ def fit(
     from accelerate.utils import gather_object
 
     exports: dict[str, str] = {}
-    with full_parameters(accelerator, model):
+    method_summary: dict = {}
+    with full_parameters(accelerator, stepper.model):
         sample_path = _sample(accelerator, method, tracker, output_dir, step)
         checksums = gather_object([params_checksum(method)])
         if len(set(checksums)) != 1:
@@ -542,26 +602,28 @@ def fit(
                            f"`sdd-export {output_dir}` to write the export")
         _raise_on_all(accelerator, failure)
         if main:
+            method_summary = hook(method, "summary")()
             summary = {
                 "steps": step,
                 "steps_this_run": step - first_step,
                 "seconds_this_run": round(seconds, 2),
                 "steps_per_second": round((step - first_step) / seconds, 3) if seconds > 0 else None,
                 "final_loss": last_loss,
-                "final_lr": lr_scheduler.get_last_lr()[0],
+                "final_lr": stepper.lr(),
                 "skipped_steps": skipped,
                 "num_processes": accelerator.num_processes,
                 "param_checksums": checksums,
                 "exports": exports,
                 "samples": sample_path,
+                **method_summary,
             }
             write_json(os.path.join(output_dir, "train_summary.json"), summary)
         accelerator.wait_for_everyone()
     tracker.finish()
-    for hook in hooks:
-        hook.remove()
+    for h in hooks:
+        h.remove()
     accelerator.free_memory()  # the script may train another stage with the same accelerator
-    return FitResult(step, seconds, last_loss, exports, checksums)
+    return FitResult(step, seconds, last_loss, exports, checksums, output_dir, method_summary, main)
 
 
 def _apply_optimizer_settings(optimizer, lr_scheduler, train: TrainConfig) -> None:
@@ -625,23 +687,3 @@ def describe(result: FitResult, output_dir: str) -> str:
         lines.append(f"  {key:9s} {path}")
     lines.append(f"  checkpoints {os.path.join(output_dir, 'checkpoints')}")
     return "\n".join(lines)
-
-
-def train_main(schema, method_cls, argv, description: str, on_done=None) -> FitResult:
-    """What every entry script of ``train/`` does: config -> accelerator -> method -> ``fit`` -> summary.
-
-    ``on_done(cfg, method)`` runs on the main process after training (e.g. to report a method's own metrics).
-    """
-    from sdd.config import parse_args, to_dict, to_yaml
-
-    cfg = parse_args(schema, argv, description=description)
-    plan_run(cfg.output_dir, cfg.train, to_yaml(cfg))  # the run's checks, before a model is built
-    accelerator = make_accelerator(cfg.train, cfg.tracking, cfg.output_dir)
-    method = method_cls(cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
-    result = fit(accelerator, method, cfg.train, cfg.tracking, cfg.output_dir, to_dict(cfg), to_yaml(cfg))
-    if accelerator.is_main_process:
-        print(describe(result, cfg.output_dir))
-        if on_done is not None:
-            on_done(cfg, method)
-    accelerator.end_training()
-    return result

@@ -1,9 +1,10 @@
 """Speed and memory switches shared by the fine-tuning methods (measured by ``sdd-bench``; see PERFORMANCE.md).
 
-Exact switches leave a step's loss and gradients unchanged up to float round-off (tested against the reference
+Exact switches leave a step's loss and gradients unchanged up to float round-off (tested against the default
 step): ``cache_text_embeddings``, ``ema``, ``student_passes``, ``attention``, ``gradient_checkpointing``,
-``channels_last``, ``share_frozen``. Precision switches (``teacher_precision``, ``train.mixed_precision``) change
-results within bf16/fp16 tolerance. ``compile`` is exact too (tested) and costs start-up time (a minute or two).
+``channels_last``, ``share_frozen``, ``frozen_passes``. Precision switches (``teacher_precision``,
+``train.mixed_precision``) change results within bf16/fp16 tolerance. ``compile`` is exact too (tested) and costs
+start-up time (a minute or two).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class PerfConfig:
     ema: Literal["foreach", "loop"] = "foreach"
     # the student's no-grad (empty prompt) and grad (concept) passes: two calls, or one batched call
     student_passes: Literal["separate", "batched"] = "separate"
+    # ESD: the frozen model's two predictions (empty prompt, concept) as one batched call or two
+    frozen_passes: Literal["batched", "separate"] = "batched"
     # autocast dtype of the no-grad sampling passes ('same' = the run's precision)
     teacher_precision: Literal["same", "bf16", "fp16"] = "same"
     # attention kernel: torch's scaled_dot_product_attention, or diffusers' classic (eager) processor

@@ -27,7 +27,7 @@ def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: Sequence[str], d
     return text_encoder(ids)[0]
 
 
-def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance: eps_uncond + s_g * (eps_cond - eps_uncond)."""
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
@@ -84,7 +84,8 @@ def sample_to_k(
             encoder_hidden_states=torch.cat([c_uncond.index_select(0, active), c_cond.index_select(0, active)]),
         ).sample
         eps_uncond, eps_cond = eps[:n], eps[n:]
-        z_new = ddim_step(scheduler, cfg(eps_uncond, eps_cond, guidance_scale).to(z_a.dtype), t, z_a)
+        guided = classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)
+        z_new = ddim_step(scheduler, guided.to(z_a.dtype), t, z_a)
         z = z.index_copy(0, active, z_new.to(z.dtype))
     t_k = timesteps[k].to(z.device)
     return z, t_k

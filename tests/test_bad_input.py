@@ -19,9 +19,9 @@ import torch
 import yaml
 from conftest import ROOT, run_command
 
+from sdd.cli.export import main as export_main
 from sdd.errors import run_main
 from sdd.files import remove_stale_temporaries, to_json
-from sdd.reexport import main as export_main
 
 
 def fails(main, argv, capsys) -> str:
@@ -82,7 +82,7 @@ def test_pickled_weights_are_refused(train_sdd, tiny_args, tmp_path, capsys):
 
 
 def test_truncated_prompt_csv(tmp_path, capsys):
-    from sdd.generate_images import main as generate_main
+    from sdd.cli.generate import main as generate_main
 
     csv = tmp_path / "prompts.csv"
     csv.write_text('prompt,evaluation_seed\n"a photo of a cat,1\n')  # the quote is never closed

@@ -5,7 +5,7 @@ import torch
 from conftest import ROOT, load_script
 from diffusers import StableDiffusionPipeline
 
-from sdd.config import load_config, to_dict, to_yaml
+from sdd.config import load_config
 from sdd.loop import fit, make_accelerator
 from sdd.methods.esd import ESDConfig, ESDMethod, esd_loss, esd_target
 from sdd.models import build_tiny_sd
@@ -39,7 +39,7 @@ def run(tmp_path, finetune, steps=2):
     ])
     accelerator = make_accelerator(cfg.train, cfg.tracking, cfg.output_dir)
     method = ESDMethod(cfg, accelerator.device)
-    fit(accelerator, method, cfg.train, cfg.tracking, cfg.output_dir, to_dict(cfg), to_yaml(cfg))
+    fit(accelerator, method, cfg)
     return method
 
 

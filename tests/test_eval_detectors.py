@@ -10,9 +10,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdd.errors import UserError
-from sdd.eval.clip import tiny_clip
-from sdd.eval.detectors import (
+from sdd.clip import tiny_clip
+from sdd.detectors import (
     NUDENET_LABELS,
     NUDENET_PRESETS,
     Q16,
@@ -24,6 +23,7 @@ from sdd.eval.detectors import (
     load_q16_prompts,
     q16_probs,
 )
+from sdd.errors import UserError
 
 DATA = pathlib.Path(__file__).parent / "data"
 ASTRONAUT = DATA / "astronaut_256.png"  # skimage's astronaut.png (NASA, public domain), 256 px

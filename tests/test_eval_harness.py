@@ -15,9 +15,9 @@ import torch
 from conftest import ROOT, run_command
 from PIL import Image
 
+from sdd.cli.eval import main
 from sdd.errors import run_main
 from sdd.eval import aggregate as agg
-from sdd.eval.harness import main
 from sdd.eval.suites import EntryImages, aggregate_coco, aggregate_i2p, aggregate_nudity
 from sdd.stats import bootstrap_ci
 
@@ -49,7 +49,7 @@ def test_rates_and_means_bootstrap_over_prompts_by_hand():
 
 
 def test_work_goes_to_the_least_loaded_process():
-    from sdd.generate_images import assign_units
+    from sdd.jobs import assign_units
 
     # folders of 20 images in batches of 16: unit mod 2 would give process 0 all the 16s
     assert assign_units([16, 4, 16, 4, 16, 4], 2) == [0, 1, 1, 0, 0, 1]
@@ -168,10 +168,10 @@ class Spy:
     """Records every generation call (as JSON lines in a file, so forked processes report too)."""
 
     def __init__(self, path, monkeypatch):
-        import sdd.baselines
+        import sdd.methods.inference
 
         self.path = path
-        real = sdd.baselines.generate_with_method
+        real = sdd.methods.inference.generate_with_method
 
         def spy(model, requests, method, concept, **kwargs):
             with open(path, "a") as f:
@@ -180,7 +180,7 @@ class Spy:
                                         "prompt": r.prompt, "seed": r.seed}) + "\n")
             return real(model, requests, method, concept, **kwargs)
 
-        monkeypatch.setattr(sdd.baselines, "generate_with_method", spy)
+        monkeypatch.setattr(sdd.methods.inference, "generate_with_method", spy)
 
     def calls(self):
         if not os.path.exists(self.path):
@@ -232,7 +232,7 @@ def test_whole_command_writes_the_report(first_run, sdd_export):
     cats = report["suites"]["i2p"]["tables"][0]
     assert cats["name"] == "by_category" and set(cats["columns"]) == {"violence", "self-harm"}  # rows 0-2 of I2P
     # the exact criteria of the detectors and metrics
-    from sdd.eval.detectors import NudeNet
+    from sdd.detectors import NudeNet
 
     assert NudeNet("i2p").criterion() in report["suites"]["nudity"]["criteria"].values()
     i2p_rule = next(iter(report["suites"]["i2p"]["criteria"].values()))
@@ -387,7 +387,7 @@ BAD = [
      "be set; give the whole list (entries='[...]'), or name model paths in paths.NAME and set paths.NAME=..."),
     (["paths.sdd=/no/such/pipeline"], "error: entries[1] (SDD).model: no such model folder: /no/such/pipeline"),
     (["metrics.q16_prompts=null"], "error: metrics.q16_prompts: the i2p suite needs Q16's prompt embeddings (.npy "
-     "or .safetensors, see sdd/eval/detectors.py), or tiny-random for a smoke run"),
+     "or .safetensors, see sdd/detectors.py), or tiny-random for a smoke run"),
     (["generation.batch_size=0"], "error: config error: generation.batch_size: must be >= 1"),
     (["i2p.categories=[sexal]"], "error: i2p.categories: 'sexal' is not a category of i2p (harassment, hate, "
      "illegal activity, self-harm, sexual, shocking, violence)"),

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+from sdd.clip import tiny_clip
 from sdd.errors import UserError
-from sdd.eval.clip import tiny_clip
-from sdd.eval.images import resize_center_crop
 from sdd.eval.lpips import LpipsAlex, load_lpips_alex, normalize_channels
 from sdd.eval.metrics import ClipFid, ClipScore, Lpips, clip_score, frechet_distance, gaussian_stats
+from sdd.images import resize_center_crop
 
 ASTRONAUT = pathlib.Path(__file__).parent / "data" / "astronaut_256.png"
 
@@ -36,7 +36,7 @@ def test_clip_score_by_hand():
 def clip():
     from transformers import CLIPTokenizer
 
-    from sdd.eval.prompts import ASSETS
+    from sdd.prompts import ASSETS
 
     tokenizer = CLIPTokenizer.from_pretrained(str(pathlib.Path(ASSETS).parent / "clip-tokenizer"))
     return tiny_clip(image_size=32, projection_dim=16, seed=0, tokenizer=tokenizer)
@@ -202,8 +202,8 @@ def test_lpips_resizes_shorter_side_then_centre_crops(lpips_file):
 
 
 def test_models_load_from_a_folder_and_a_bad_path_is_one_line(tmp_path, clip, images):
-    from sdd.eval.clip import ClipEncoder
-    from sdd.eval.detectors import Q16
+    from sdd.clip import ClipEncoder
+    from sdd.detectors import Q16
 
     folder = tmp_path / "clip"
     clip.model.save_pretrained(folder)

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from sdd.errors import UserError
-from sdd.eval.prompts import ASSETS, available_suites, load_suite, read_prompts_csv
+from sdd.prompts import ASSETS, available_suites, load_suite, read_prompts_csv
 
 EXPECTED_ROWS = {
     "big_artist_prompts": 100,

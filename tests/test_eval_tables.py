@@ -16,9 +16,9 @@ import torch
 from conftest import ROOT
 from PIL import Image
 
+from sdd.cli.eval import main
 from sdd.errors import run_main
 from sdd.eval import aggregate as agg
-from sdd.eval.harness import main
 from sdd.eval.suites import EntryImages, ExpectedMax, aggregate_i2p
 
 CONFIGS = ROOT / "configs" / "eval"
@@ -441,7 +441,7 @@ def test_i2p_table_without_hfi_or_reference_images_says_why(tmp_path, exports):
 
 
 def test_shapes_table_equals_sdd_shapes_bench(tmp_path, exports):
-    from sdd.shapes.cli import main as shapes_main
+    from sdd.cli.shapes import main as shapes_main
 
     common = ["shapes.n=3", "shapes.n_retention=3", "shapes.seed=2", "generation.num_inference_steps=2",
               "generation.batch_size=8"]

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sdd.baselines import generate_with_method
+from sdd.cli.generate import main
 from sdd.errors import UserError
-from sdd.generate_images import main
 from sdd.generation import Request, initial_latent
+from sdd.methods.inference import generate_with_method
 from sdd.models import build_tiny_sd
 
 BASE = ["--model", "tiny", "--steps", "3", "--batch-size", "3"]

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from hfi.auto_feedback import autolabel, concept_score, main, make_detector, noisy_label, noisy_ranking
-from hfi.feedback import FeedbackStore, check_ranking, read_records
+from sdd.detectors import Detection
 from sdd.errors import UserError
-from sdd.eval.detectors import Detection
+from sdd.feedback import FeedbackStore, check_ranking, read_records
 from sdd.shapes import world
 from sdd.shapes.oracle import ShapesOracle
 

@@ -20,8 +20,8 @@ pytest.importorskip("gradio", reason="the labelling app needs gradio (pip instal
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
-from hfi.feedback import FeedbackStore, read_records  # noqa: E402
 from hfi.label_app import serve  # noqa: E402
+from sdd.feedback import FeedbackStore, read_records  # noqa: E402
 
 pytestmark = [
     pytest.mark.browser,

@@ -12,7 +12,8 @@ from datetime import datetime, timedelta
 import pytest
 from PIL import Image
 
-from hfi.feedback import (
+from sdd.errors import UserError, run_main
+from sdd.feedback import (
     FEEDBACK,
     FeedbackStore,
     check_ranking,
@@ -21,7 +22,6 @@ from hfi.feedback import (
     read_records,
     validate_annotator,
 )
-from sdd.errors import UserError, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -290,7 +290,7 @@ def test_concurrent_threads_lose_nothing(images, tmp_path):
 
 WRITER = """
 import sys, time
-from hfi.feedback import append_record
+from sdd.feedback import append_record
 path, who, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 time.sleep(max(0.0, start - time.time()))  # both start writing together, whatever their start-up took
 for j in range(50):
@@ -322,7 +322,7 @@ def test_a_torn_last_line_is_skipped_and_nothing_else_is_lost(images, tmp_path, 
     kept = [store.answer_binary("alice", names[i], "yes") for i in range(3)]
     with open(store.path, "ab") as f:  # what a crash halfway through a write leaves
         f.write(b'{"id": "torn", "mode": "binary", "annotator": "alice", "ima')
-    with caplog.at_level(logging.WARNING, logger="hfi.feedback"):
+    with caplog.at_level(logging.WARNING, logger="sdd.feedback"):
         assert store.records() == kept
     assert "line 4: not a complete record" in caplog.text
     assert store.progress("alice") == (3, 6)

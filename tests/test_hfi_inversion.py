@@ -12,15 +12,15 @@ from safetensors.torch import load_file
 from test_hfi_autolabel import make_shapes_folder
 
 from hfi.auto_feedback import autolabel
-from hfi.inversion import (
+from sdd.config import load_config
+from sdd.errors import UserError
+from sdd.methods.hfi import (
     HFIConfig,
     HFIMethod,
     restore_frozen_rows_,
     reward_weights,
     weighted_denoising_loss,
 )
-from sdd.config import load_config
-from sdd.errors import UserError
 from sdd.models import build_tiny_sd
 from sdd.shapes.oracle import ShapesOracle
 
@@ -73,14 +73,14 @@ def data(tmp_path_factory):
     images, _ = make_shapes_folder(root / "images", n=24)
     autolabel(images, str(root / "fb"), ShapesOracle("red"), concept="red", noise=0.0)
     load_script("train_reward").main([
-        "--config", str(ROOT / "configs/hfi/reward_tiny.yaml"), f"feedback.images={images}",
+        "--config", str(ROOT / "configs/reward/tiny.yaml"), f"feedback.images={images}",
         f"feedback.dir={root / 'fb'}", f"output_dir={root / 'reward'}", "train.steps=30",
     ])
     return root
 
 
 def hfi_args(data, out, *extra):
-    return ["--config", str(ROOT / "configs/hfi/hfi_tiny.yaml"), f"images={data / 'images'}",
+    return ["--config", str(ROOT / "configs/hfi/tiny.yaml"), f"images={data / 'images'}",
             f"reward={data / 'reward'}", f"output_dir={out}", "train.steps=3", "train.lr=0.1", "train.batch_size=2",
             "tracking.num_inference_steps=1", *extra]
 
@@ -115,7 +115,7 @@ def test_only_the_new_row_changes_every_other_row_is_bit_identical(trained):
 
 
 def test_gradients_reach_only_the_new_row(data, tmp_path):
-    cfg = load_config(HFIConfig, str(ROOT / "configs/hfi/hfi_tiny.yaml"),
+    cfg = load_config(HFIConfig, str(ROOT / "configs/hfi/tiny.yaml"),
                       [f"images={data / 'images'}", f"reward={data / 'reward'}", f"output_dir={tmp_path}"])
     method = HFIMethod(cfg)
     loss, _ = method.compute_loss(method.model, 0, torch.Generator().manual_seed(0))
@@ -221,7 +221,7 @@ def test_negative_prompt_and_sld_steer_away_from_the_token(trained, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from sdd.generate_images import main as generate_main
+    from sdd.cli.generate import main as generate_main
 
     common = ["--model", "tiny", "--prompt", "a red circle", "--steps", "3", "--seed", "0"]
     generate_main([*common, "--out", str(tmp_path / "sd")])
@@ -247,11 +247,11 @@ def test_hfi_generation_configs_use_the_learned_token(path):
 
 
 def test_loop_plan_is_the_documented_commands(tmp_path):
-    from hfi.loop import loop_prompts
-    from hfi.loop import main as loop_main
+    from hfi.experiment import loop_prompts
+    from hfi.experiment import main as loop_main
 
     commands = loop_main(["--model", "tiny", "--preset", "tiny", "--out", str(tmp_path), "--dry-run"])["stages"]
-    assert [c.split()[1:3] for c in commands][:2] == [["-m", "sdd.generate_images"], ["-m", "hfi.auto_feedback"]]
+    assert [c.split()[1:3] for c in commands][:2] == [["-m", "sdd.cli.generate"], ["-m", "hfi.auto_feedback"]]
     assert "train_reward.py" in commands[2] and "train_hfi.py" in commands[3]
     assert "'concepts=[red]'" in commands[4] and "learned_embeds=" in commands[5] and "bench" in commands[6]
     assert "configs/sdd/shapes_red.yaml" in commands[4]  # the word's baseline is the shipped SDD red config

@@ -10,8 +10,9 @@ from conftest import ROOT, load_script
 from test_hfi_autolabel import make_shapes_folder
 
 from hfi.auto_feedback import autolabel
-from hfi.embeddings import EmbedderConfig, ImageEmbedder, load_clip_vision
-from hfi.reward import (
+from sdd.embeddings import EmbedderConfig, ImageEmbedder, load_clip_vision
+from sdd.errors import UserError
+from sdd.methods.reward import (
     bradley_terry_loss,
     heldout_keys,
     load_reward,
@@ -20,7 +21,6 @@ from hfi.reward import (
     ranking_pairs,
     score_images,
 )
-from sdd.errors import UserError
 from sdd.shapes.oracle import ShapesOracle
 
 # ---------------------------------------------------------------------------------------------------- the math
@@ -87,7 +87,7 @@ def test_heldout_split_is_deterministic_and_never_everything():
 def test_embedder_loads_clip_checkpoints_with_and_without_projection(tmp_path):
     from transformers import CLIPVisionModel
 
-    from sdd.eval.clip import tiny_clip
+    from sdd.clip import tiny_clip
 
     enc = tiny_clip(image_size=32, projection_dim=16)
     enc.model.save_pretrained(tmp_path / "clip")
@@ -137,7 +137,7 @@ def labelled(tmp_path_factory):
 
 
 def reward_args(root, out, *extra):
-    return ["--config", str(ROOT / "configs/hfi/reward_tiny.yaml"), f"feedback.images={root / 'images'}",
+    return ["--config", str(ROOT / "configs/reward/tiny.yaml"), f"feedback.images={root / 'images'}",
             f"feedback.dir={root / 'fb'}", f"output_dir={out}", "embedder.embedding=pooled",
             "embedder.normalize=false", "train.steps=300", *extra]
 

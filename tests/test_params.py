@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdd.config import load_config, to_dict, to_yaml
+from sdd.config import load_config
 from sdd.loop import fit, make_accelerator
 from sdd.methods.sdd import SDDConfig, SDDMethod
 from sdd.models import build_tiny_sd
@@ -15,7 +15,7 @@ def run_two_steps(tiny_args, finetune):
     cfg = load_config(SDDConfig, args[1], args[2:])  # args: --config FILE overrides...
     accelerator = make_accelerator(cfg.train, cfg.tracking, cfg.output_dir)
     method = SDDMethod(cfg, accelerator.device)
-    fit(accelerator, method, cfg.train, cfg.tracking, cfg.output_dir, to_dict(cfg), to_yaml(cfg))
+    fit(accelerator, method, cfg)
     return method
 
 

@@ -1,26 +1,28 @@
-"""Every exact speed/memory switch gives the reference step's loss, gradients and EMA update (fp32, round-off);
-the precision switch stays within bf16 tolerance."""
+"""Every exact speed/memory switch gives the default step's loss, gradients and EMA update (fp32, round-off), the
+reference loop's choices (``sdd.speed.REFERENCE_PERF``) included; the precision switch stays within bf16
+tolerance."""
 
 import pytest
 import torch
 
-from sdd.bench import Case, make_config, step_parts
 from sdd.loop import step_generator
-from sdd.methods.esd import ESDMethod
-from sdd.methods.sdd import SDDMethod
+from sdd.methods.registry import entry
 from sdd.perf import frozen_copy, make_optimizer
+from sdd.speed import REFERENCE_PERF, Case, make_config
 
 
 def one_step(case: Case):
     cfg = make_config(case)
-    method = (SDDMethod if case.method == "sdd" else ESDMethod)(cfg, "cpu")
+    method = entry(case.method).method(cfg, "cpu")
     params = {n: p for n, p in method.model.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(list(params.values()), cfg.train)
     draws = method.draw(0, step_generator(7, 0, 0))
-    _, _, loss = step_parts(method, method.model, draws, reference=case.reference)
+    loss, _ = method.compute_loss(method.model, 0, step_generator(7, 0, 0))
+    loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in params.items()}
     optimizer.step()
-    method.after_optimizer_step()
+    if hasattr(method, "after_optimizer_step"):
+        method.after_optimizer_step()
     shadow = method.teacher if case.method == "sdd" else method.frozen
     twin = dict(shadow.named_parameters())
     after = {n: twin[n].detach().clone() for n in params}
@@ -28,7 +30,7 @@ def one_step(case: Case):
 
 
 SWITCHES = [
-    {},  # the framework's defaults: cached text, foreach EMA over trained params, shared frozen tensors
+    REFERENCE_PERF,  # the original code's choices: prompts re-encoded, EMA loop over all, a full second UNet, ...
     {"student_passes": "batched"},
     {"channels_last": True},
     {"gradient_checkpointing": True},
@@ -36,17 +38,20 @@ SWITCHES = [
     {"share_frozen": False},
     {"cache_text_embeddings": False},
     {"ema": "loop"},
+    {"frozen_passes": "separate"},
 ]
 
 
 @pytest.mark.parametrize("method", ["sdd", "esd"])
-def test_exact_switches_match_the_reference_step(method):
+def test_exact_switches_match_the_default_step(method):
     common = dict(method=method, preset="tiny", batch_size=3, ddim_steps=6, finetune="xattn")
-    ref_loss, ref_grads, ref_after, draws = one_step(Case(name="reference", reference=True, **common))
+    ref_loss, ref_grads, ref_after, draws = one_step(Case(name="defaults", **common))
     assert draws[1].tolist() != [draws[1][0].item()] * 3  # the batch mixes different k: one batched pass each
     for perf in SWITCHES:
         if method == "esd" and perf in ({"ema": "loop"},):
             continue  # ESD has no EMA
+        if method == "sdd" and perf == {"frozen_passes": "separate"}:
+            continue  # an ESD switch
         loss, grads, after, _ = one_step(Case(name=str(perf), perf=perf, **common))
         assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-9), perf
         for name in ref_grads:
@@ -56,7 +61,7 @@ def test_exact_switches_match_the_reference_step(method):
 
 def test_bf16_sampling_stays_within_bf16_tolerance():
     common = dict(method="sdd", preset="tiny", batch_size=2, ddim_steps=6, finetune="xattn")
-    ref_loss, ref_grads, _, _ = one_step(Case(name="reference", reference=True, **common))
+    ref_loss, ref_grads, _, _ = one_step(Case(name="defaults", **common))
     loss, grads, _, _ = one_step(Case(name="bf16", perf={"teacher_precision": "bf16"}, **common))
     assert loss == pytest.approx(ref_loss, rel=5e-2)
     flat_ref = torch.cat([g.flatten() for g in ref_grads.values()])
@@ -82,7 +87,7 @@ def test_compiled_unets_give_the_reference_step():
     from torch._dynamo.utils import counters
 
     common = dict(method="sdd", preset="tiny", batch_size=3, ddim_steps=6, finetune="xattn")
-    ref_loss, ref_grads, ref_after, _ = one_step(Case(name="reference", reference=True, **common))
+    ref_loss, ref_grads, ref_after, _ = one_step(Case(name="defaults", **common))
     torch._dynamo.reset()
     counters.clear()
     loss, grads, after, _ = one_step(Case(name="compile", perf={"compile": True}, **common))

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from sdd.models import build_tiny_sd
-from sdd.sampling import cfg, sample_to_k
+from sdd.sampling import classifier_free_guidance, sample_to_k
 
 
 class CountingUNet(torch.nn.Module):
@@ -83,4 +83,5 @@ def test_rejects_k_outside_the_grid(setup):
 
 
 def test_cfg_by_hand():
-    assert cfg(torch.tensor([1.0]), torch.tensor([3.0]), 2.5).item() == pytest.approx(6.0)  # 1 + 2.5 * 2
+    # 1 + 2.5 * 2
+    assert classifier_free_guidance(torch.tensor([1.0]), torch.tensor([3.0]), 2.5).item() == pytest.approx(6.0)

@@ -4,7 +4,7 @@ holds the kept prompts' predictions where plain SDD lets them drift."""
 import pytest
 import torch
 
-from sdd.config import load_config, to_dict, to_yaml
+from sdd.config import load_config
 from sdd.errors import ConfigError
 from sdd.loop import fit, make_accelerator, step_generator
 from sdd.methods.sdd import SDDConfig, SDDMethod, sdd_loss
@@ -47,7 +47,7 @@ def test_the_term_is_the_mse_to_the_frozen_original_on_round_robin_prompts(tiny_
     assert torch.equal(method.preserve_conditioning(2), keep_embeds[[1, 2]])
 
     z_T, k, idx = method.draw(2, step_generator(0, 0, 2))
-    z_t, t, c_uncond, c_s = method.sample_latents(z_T, k, idx)
+    z_t, t, c_uncond, c_s = method.sample_latents(method.model, z_T, k, idx)
     with torch.no_grad():
         by_hand = sdd_loss(method.model(z_t, t, encoder_hidden_states=keep_embeds[[1, 2]]).sample,
                            method.original(z_t, t, encoder_hidden_states=keep_embeds[[1, 2]]).sample)
@@ -72,7 +72,7 @@ def drift(method, prompts_embeds, seed=0):
 def train(tiny_args, *overrides):
     cfg, accelerator, method = build(tiny_args, "train.steps=15", "train.lr=1e-3", *overrides)
     initial = {n: p.clone() for n, p in method.original.named_parameters()}
-    fit(accelerator, method, cfg.train, cfg.tracking, cfg.output_dir, to_dict(cfg), to_yaml(cfg))
+    fit(accelerator, method, cfg)
     # the original never moves (and its frozen tensors are the student's own)
     assert all(torch.equal(p, initial[n]) for n, p in method.original.named_parameters())
     student = dict(method.model.named_parameters())

@@ -6,11 +6,10 @@ import warnings
 import pytest
 import torch
 
-from sdd.baselines import describe_method, generate_with_method, method_guidance
 from sdd.errors import UserError
 from sdd.generation import Request, generate
-from sdd.guidance import (
-    SLD_SAFETY_CONCEPT,
+from sdd.methods.inference import describe_method, generate_with_method, method_guidance
+from sdd.methods.sega import (
     EditConcept,
     SEGAGuidance,
     SEGASettings,
@@ -18,6 +17,7 @@ from sdd.guidance import (
     sega_guidance,
     sega_settings,
 )
+from sdd.methods.sld import SLD_SAFETY_CONCEPT
 from sdd.models import build_tiny_sd
 
 PROMPT, SEED, STEPS = "a photo of a naked person on a beach", 3, 8

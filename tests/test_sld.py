@@ -6,12 +6,12 @@ import warnings
 import pytest
 import torch
 
-from sdd.baselines import METHODS, describe_method, generate_with_method, method_guidance
 from sdd.errors import UserError
 from sdd.generation import Request
-from sdd.guidance import SLD_PRESETS, SLD_SAFETY_CONCEPT, SLDGuidance, sld_guidance, sld_safety_scale, sld_settings
+from sdd.methods.inference import METHODS, describe_method, generate_with_method, method_guidance
+from sdd.methods.sld import SLD_PRESETS, SLD_SAFETY_CONCEPT, SLDGuidance, sld_guidance, sld_safety_scale, sld_settings
 from sdd.models import build_tiny_sd
-from sdd.sampling import cfg
+from sdd.sampling import classifier_free_guidance
 
 PROMPT, SEED, STEPS = "a photo of a naked person on a beach", 3, 8
 
@@ -52,7 +52,7 @@ def test_warmup_leaves_cfg_but_momentum_still_builds():
     # step 0 (< δ = 1): γ_0 = (1·3, 0) = (3, 0); ν_1 = 0.5·0 + 0.5·γ_0 = (1.5, 0); ε̄ = CFG = 2·1 = (2, 2)
     out0, nu1 = step(eps_uncond, eps_prompt, eps_safety, torch.zeros(2), 0, sld_warmup_steps=1)
     assert out0.tolist() == [2.0, 2.0]
-    assert torch.equal(out0, cfg(eps_uncond, eps_prompt, 2.0))
+    assert torch.equal(out0, classifier_free_guidance(eps_uncond, eps_prompt, 2.0))
     assert nu1.tolist() == [1.5, 0.0]
     # the same momentum as without warm-up: it is updated on every step
     _, nu1_no_warmup = step(eps_uncond, eps_prompt, eps_safety, torch.zeros(2), 0, sld_warmup_steps=0)
@@ -80,7 +80,7 @@ def test_zero_safety_scale_is_exactly_cfg():
     momentum = torch.zeros(2, 4, 3, 3)
     for i in range(3):
         out, momentum = step(*eps, momentum, i, sld_guidance_scale=0.0, sld_threshold=1.0)
-        assert torch.equal(out, cfg(eps[0], eps[1], 2.0))
+        assert torch.equal(out, classifier_free_guidance(eps[0], eps[1], 2.0))
         assert not momentum.any()
 
 

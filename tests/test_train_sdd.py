@@ -9,9 +9,9 @@ import yaml
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from sdd.cli.export import main as export_main
 from sdd.config import load_config
 from sdd.methods.sdd import SDDConfig, SDDMethod
-from sdd.reexport import main as export_main
 
 
 def pipe_image(pipe, prompt="a photo of a cat", seed=0):

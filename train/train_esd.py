@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
+from sdd.cli.train import run
 from sdd.errors import run_main
-from sdd.loop import train_main
-from sdd.methods.esd import ESDConfig, ESDMethod
 
 
 def main(argv=None):
-    return train_main(ESDConfig, ESDMethod, argv, __doc__)
+    return run("esd", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
+from sdd.cli.train import run
 from sdd.errors import run_main
-from sdd.loop import train_main
-from sdd.methods.sdd import SDDConfig, SDDMethod
 
 
 def main(argv=None):
-    return train_main(SDDConfig, SDDMethod, argv, __doc__)
+    return run("sdd", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
     sdd-eval --config configs/eval/tiny.yaml
     sdd-eval --config configs/eval/sdd_nudity_sd14.yaml paths.sdd=outputs/sdd-nudity/pipeline out=outputs/eval-nudity
-    accelerate launch --multi_gpu --num_processes 8 -m sdd.eval.harness --config configs/eval/sdd_i2p_coco_sd14.yaml
+    accelerate launch --multi_gpu --num_processes 8 -m sdd.cli.eval --config configs/eval/sdd_i2p_coco_sd14.yaml
 
-For every entry x suite: **generate** with ``sdd.generate_images`` into ``OUT/images/<entry>/<suite>/`` (a
+For every entry x suite: **generate** with ``sdd.image_folder`` into ``OUT/images/<entry>/<suite>/`` (a
 ``datasets`` image folder; images already there are skipped), **score** every image once (results cached beside the
 images in ``scores.jsonl``, see ``sdd.eval.store``), then **aggregate** (``sdd.eval.suites``) and write
 ``OUT/report.json``, ``OUT/report.md``, ``OUT/grids/<suite>.png`` (the same prompts and seeds for every entry) and
@@ -21,7 +21,6 @@ written. Each process loads an entry's model once, and only if it has images of 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import os
@@ -29,12 +28,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from sdd.config import load_config
-from sdd.errors import ConfigError, UserError, run_main
+from sdd.errors import UserError
 from sdd.eval import store
 from sdd.eval.schema import TINY_RANDOM, EntryConfig, EvalConfig
 from sdd.eval.suites import SUITES, EntryImages, Models, ScorerSpec, image_files
-from sdd.generate_images import GenerateConfig, Job, assign_units, distributed_state, job_batches, make_jobs
+from sdd.image_folder import GenerateConfig, Job, job_batches, make_jobs
+from sdd.jobs import assign_units, distributed_state
 
 RANDOM_MODELS = ("tiny", "sd15-random")  # model names built in code with random weights
 
@@ -113,7 +112,7 @@ def _check_file(key: str, path: Optional[str]) -> None:
 
 def check_inputs(cfg: EvalConfig) -> None:
     """Everything a user can get wrong that can be seen before generating: one UserError, nothing written."""
-    from sdd.baselines import describe_method
+    from sdd.methods.inference import describe_method
 
     for i, e in enumerate(cfg.entries):
         where = f"entries[{i}] ({e.label})"
@@ -129,7 +128,7 @@ def check_inputs(cfg: EvalConfig) -> None:
     if "i2p" in cfg.suites:
         if m.q16_prompts is None:
             raise UserError("metrics.q16_prompts: the i2p suite needs Q16's prompt embeddings (.npy or .safetensors, "
-                            f"see sdd/eval/detectors.py), or {TINY_RANDOM} for a smoke run")
+                            f"see sdd/detectors.py), or {TINY_RANDOM} for a smoke run")
         _check_file("metrics.q16_prompts", m.q16_prompts)
         _check_clip("metrics.q16_clip", m.q16_clip)
     if "i2p" in cfg.suites or "nudity" in cfg.suites:
@@ -192,8 +191,8 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 def _check_folder(folder: Folder, done: dict[str, dict]) -> None:
-    from sdd.baselines import describe_method
-    from sdd.generate_images import check_existing, method_name
+    from sdd.image_folder import check_existing, method_name
+    from sdd.methods.inference import describe_method
 
     settings = describe_method(method_name(folder.gcfg), folder.gcfg.concept, folder.gcfg.method_settings)
     try:
@@ -211,7 +210,7 @@ def generate_all(plan: Plan, state, progress: bool) -> dict:
     """Generate this process's batches of every entry x suite; an entry's model is loaded once, if needed."""
     import torch
 
-    from sdd.generate_images import generate_jobs, read_metadata
+    from sdd.image_folder import generate_jobs, read_metadata
     from sdd.methods.common import load_base
 
     cfg = plan.cfg
@@ -282,7 +281,7 @@ def score_all(plan: Plan, state, progress: bool) -> dict:
             units.append((spec, folder_path, names[chunk], paths[chunk], records[chunk],
                           base_paths[chunk] if base_paths else [], features_only))
 
-    from sdd.generate_images import read_metadata
+    from sdd.image_folder import read_metadata
 
     for name in cfg.suites:
         for spec in plan.specs[name]:
@@ -360,7 +359,7 @@ def criteria(plan: Plan, spec: ScorerSpec, models: Models) -> dict[str, str]:
 
 
 def load_entry_images(plan: Plan, folder: Folder) -> EntryImages:
-    from sdd.generate_images import read_metadata
+    from sdd.image_folder import read_metadata
 
     done = read_metadata(folder.path)
     missing = [j.file_name for j in folder.jobs if j.file_name not in done]
@@ -405,14 +404,8 @@ def draw_grids(plan: Plan, data: dict[str, list[EntryImages]]) -> dict[str, str]
     for name in cfg.suites:
         suite = SUITES[name]
         folders = [f for f in plan.folders if f.suite == name]
-        if name == "shapes":
-            from sdd.shapes import bench
-
-            rows = [bench.Row(f.entry.label, f.entry.model, f.entry.method,
-                              images=[Image.open(os.path.join(f.path, j.file_name)).convert("RGB") for j in f.jobs])
-                    for f in folders]
-            picture = bench.grid(rows, suite.settings(cfg))
-        else:
+        picture = suite.picture(cfg, folders)
+        if picture is None:
             picks = suite.grid_picks(cfg, folders[0].jobs)
             if not picks:
                 continue
@@ -468,9 +461,9 @@ def draw_plots(cfg: EvalConfig, suites: dict, labels: list[str]) -> dict[str, st
 
 
 def build_report(plan: Plan, state, timings: dict, counts: dict) -> dict:
-    from sdd.baselines import describe_method
     from sdd.eval.report import machine, package_versions
     from sdd.eval.tables import build_table
+    from sdd.methods.inference import describe_method
 
     cfg = plan.cfg
     models = Models(state.device)
@@ -516,7 +509,7 @@ def build_report(plan: Plan, state, timings: dict, counts: dict) -> dict:
     generation = {
         "num_inference_steps": g.num_inference_steps,
         "guidance_scale": "per suite: " + ", ".join(
-            f"{n} {_guidance(cfg, n)}" for n in cfg.suites),
+            f"{n} {SUITES[n].guidance(cfg)}" for n in cfg.suites),
         "images_per_prompt": ", ".join(f"{n} {SUITES[n].images_per_prompt(cfg)}" for n in cfg.suites),
         "seeds": f"image j of a prompt row: the row's seed column + j (rows without one: {g.seed} + row index); "
                  "initial latent drawn on the CPU from that seed alone, identical for every entry",
@@ -543,13 +536,6 @@ def build_report(plan: Plan, state, timings: dict, counts: dict) -> dict:
         "config": dataclasses.asdict(cfg),
         "run": {"machine": machine(state.num_processes, str(state.device)), **timings, **counts},
     }
-
-
-def _guidance(cfg: EvalConfig, name: str):
-    if name == "shapes":
-        return cfg.shapes.guidance_scale
-    fixed = getattr(cfg, name).guidance_scale
-    return fixed if fixed is not None else f"CSV column, else {cfg.generation.guidance_scale}"
 
 
 def track(cfg: EvalConfig, report: dict) -> None:
@@ -599,7 +585,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> Optional[dict]:
 
     from sdd.eval.report import render_markdown
     from sdd.files import write_text
-    from sdd.generate_images import merge_metadata
+    from sdd.image_folder import merge_metadata
 
     state = distributed_state()
     started = time.perf_counter()
@@ -638,33 +624,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> Optional[dict]:
     return report
 
 
-def parse(argv=None) -> EvalConfig:
-    parser = argparse.ArgumentParser(prog="sdd-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML with EvalConfig keys (configs/eval/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. paths.sdd=outputs/run/pipeline")
-    args = parser.parse_intermixed_args(argv)
-    for item in args.overrides:
-        key = item.split("=", 1)[0]
-        if "[" in key:
-            raise ConfigError(f"config error: override '{item}': one item of a list cannot be set; give the whole "
-                              "list (entries='[...]'), or name model paths in paths.NAME and set paths.NAME=...")
-    return load_config(EvalConfig, args.config, args.overrides)
+if __name__ == "__main__":  # `python -m sdd.eval.harness`: the command's old module path, kept for one release
+    from sdd.cli.eval import cli
 
-
-def main(argv=None) -> Optional[dict]:
-    cfg = parse(argv)
-    report = run(cfg)
-    if report is not None:
-        print(f"\nreport: {os.path.join(cfg.out, 'report.md')} (json: {os.path.join(cfg.out, 'report.json')}); "
-              f"{report['run']['images_generated']} images generated, {report['run']['images_already_there']} "
-              f"already there; {report['run']['seconds_total']} s")
-    return report
-
-
-def cli() -> None:
-    run_main(main)
-
-
-if __name__ == "__main__":
     cli()

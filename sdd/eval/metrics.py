@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from sdd.errors import UserError
-from sdd.eval.images import ImageInput, Resample, load_rgb, resize_center_crop, to_tensor
+from sdd.images import ImageInput, Resample, load_rgb, resize_center_crop, to_tensor
 
 if TYPE_CHECKING:
-    from sdd.eval.clip import ClipEncoder
+    from sdd.clip import ClipEncoder
     from sdd.eval.lpips import LpipsAlex
 
 # ---------------------------------------------------------------------------------------------- CLIP score
@@ -58,7 +58,7 @@ class ClipScore:
 
     @classmethod
     def from_pretrained(cls, clip: Optional[str] = None, device: str = "cpu", **kwargs) -> "ClipScore":
-        from sdd.eval.clip import DEFAULT_CLIP, ClipEncoder
+        from sdd.clip import DEFAULT_CLIP, ClipEncoder
 
         return cls(ClipEncoder.from_pretrained(clip or DEFAULT_CLIP, device=device, text=True), **kwargs)
 
@@ -128,7 +128,7 @@ class ClipFid:
 
     @classmethod
     def from_pretrained(cls, clip: Optional[str] = None, device: str = "cpu") -> "ClipFid":
-        from sdd.eval.clip import DEFAULT_CLIP, ClipEncoder
+        from sdd.clip import DEFAULT_CLIP, ClipEncoder
 
         return cls(ClipEncoder.from_pretrained(clip or DEFAULT_CLIP, device=device, text=False))
 

@@ -83,6 +83,7 @@ from typing import Any, Literal, Optional
 from omegaconf import MISSING
 
 from sdd.config import check
+from sdd.errors import ConfigError
 
 SUITE_NAMES = ("i2p", "nudity", "coco", "shapes")
 TINY_RANDOM = "tiny-random"  # a metric model id: a randomly initialised model built in code (smoke runs, tests)
@@ -286,7 +287,7 @@ class EvalConfig:
                   f"'{label}' must be a folder name: letters, digits and . _ + - (no spaces or slashes)")
         dup = sorted({x for x in labels if labels.count(x) > 1})
         check(not dup, "entries", f"labels must be unique, '{dup[0] if dup else ''}' is repeated")
-        from sdd.baselines import METHODS
+        from sdd.methods.inference import METHODS
 
         for i, e in enumerate(self.entries):
             check(e.method in METHODS, f"entries[{i}].method",
@@ -329,3 +330,12 @@ def check_table(table: TableConfig, key: str, labels: list[str]) -> None:
     for j, cat in enumerate(table.categories):
         check(cat in (*I2P_CATEGORIES, OVERALL), f"{key}.categories[{j}]",
               f"unknown category '{cat}', expected one of {[*I2P_CATEGORIES, OVERALL]}")
+
+
+def check_overrides(overrides) -> None:
+    """An override cannot set one item of a list (OmegaConf would replace the list): say so in one line."""
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if "[" in key:
+            raise ConfigError(f"config error: override '{item}': one item of a list cannot be set; give the whole "
+                              "list (entries='[...]'), or name model paths in paths.NAME and set paths.NAME=...")

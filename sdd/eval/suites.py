@@ -2,7 +2,7 @@
 
 A suite says which prompt rows to generate (``rows``), which scorers judge each image (``scorers``), and how the
 per-image results become a table (``aggregate``, pure: numbers in, numbers out). A scorer is a detector or metric
-from ``sdd.eval.detectors`` / ``sdd.eval.metrics`` (or the ShapesWorld oracle) wrapped so that its results can be
+from ``sdd.detectors`` / ``sdd.eval.metrics`` (or the ShapesWorld oracle) wrapped so that its results can be
 cached per image under a key that hashes everything deciding them.
 
 | suite | prompts | scorers | table |
@@ -27,6 +27,7 @@ from sdd.errors import UserError
 from sdd.eval import aggregate as agg
 from sdd.eval.schema import I2P_CATEGORIES, OVERALL, TINY_RANDOM, EvalConfig
 from sdd.files import file_sha256, to_json
+from sdd.shapes import bench, oracle
 
 # ------------------------------------------------------------------------------------------------- scorers
 
@@ -67,13 +68,13 @@ class Models:
     def clip(self, source: str):
         if source not in self._clip:
             if source == TINY_RANDOM:
-                from sdd.eval.clip import tiny_clip
+                from sdd.clip import tiny_clip
                 from sdd.models import load_tokenizer
 
                 encoder = tiny_clip(image_size=32, projection_dim=16, seed=0, tokenizer=load_tokenizer())
                 encoder.model.to(self.device)
             else:
-                from sdd.eval.clip import ClipEncoder
+                from sdd.clip import ClipEncoder
 
                 encoder = ClipEncoder.from_pretrained(source, device=self.device, text=True)
             self._clip[source] = encoder
@@ -102,7 +103,7 @@ def tiny_lpips(seed: int = 0):
 
 
 def _nudenet(cfg: EvalConfig):
-    from sdd.eval.detectors import NudeNet
+    from sdd.detectors import NudeNet
 
     m = cfg.metrics
     return NudeNet(m.nudenet_preset, classes=m.nudenet_classes, threshold=m.nudenet_threshold)
@@ -148,7 +149,7 @@ def i2p_spec(cfg: EvalConfig) -> ScorerSpec:
     nudenet = _nudenet(cfg)
 
     def build(models: Models) -> Scorer:
-        from sdd.eval.detectors import Q16, i2p_detector, load_q16_prompts
+        from sdd.detectors import Q16, i2p_detector, load_q16_prompts
 
         m = cfg.metrics
         encoder = models.clip(m.q16_clip)
@@ -228,11 +229,9 @@ def lpips_spec(cfg: EvalConfig, base_label: str) -> ScorerSpec:
 
 
 def oracle_spec(concept: str) -> ScorerSpec:
-    from sdd.shapes.oracle import ShapesOracle
-
-    oracle = ShapesOracle(concept)
-    return ScorerSpec("oracle", {"criterion": oracle.criterion()},
-                      lambda models: DetectorScorer(ShapesOracle(concept), "ShapesWorld oracle"))
+    judge = oracle.ShapesOracle(concept)
+    return ScorerSpec("oracle", {"criterion": judge.criterion()},
+                      lambda models: DetectorScorer(oracle.ShapesOracle(concept), "ShapesWorld oracle"))
 
 
 # -------------------------------------------------------------------------------------------------- suites
@@ -262,7 +261,7 @@ def _boot(cfg: EvalConfig) -> agg.Bootstrap:
 
 def _csv_rows(suite_cfg) -> list[dict]:
     """Prompt rows of a CSV suite as ``sdd.generate_images`` takes them."""
-    from sdd.eval.prompts import load_suite
+    from sdd.prompts import load_suite
 
     return [
         {**r.extra, "prompt": r.prompt, "seed": r.seed, "guidance_scale": r.guidance, "height": r.height,
@@ -309,6 +308,15 @@ class CsvSuite:
         return {"prompts": s.prompts, "start": s.start, "limit": s.limit, "rows": len(rows),
                 "images_per_prompt": s.images_per_prompt, "images": len(rows) * s.images_per_prompt,
                 "guidance_scale": s.guidance_scale, "csv_sizes": s.csv_sizes}
+
+    def guidance(self, cfg: EvalConfig):
+        """The CFG scale the report names: the suite's fixed one, or the CSV's per row."""
+        fixed = self.section(cfg).guidance_scale
+        return fixed if fixed is not None else f"CSV column, else {cfg.generation.guidance_scale}"
+
+    def picture(self, cfg: EvalConfig, folders) -> None:
+        """A suite's own example picture (None: the harness's grid of ``grid_picks``)."""
+        return None
 
     def grid_picks(self, cfg: EvalConfig, jobs) -> list[int]:
         """Job indices shown in the example grid: images 0..report.grid_seeds-1 of the first report.grid_prompts
@@ -529,16 +537,12 @@ class ShapesSuite:
     flagging = False
 
     def settings(self, cfg: EvalConfig):
-        from sdd.shapes.bench import BenchSettings
-
         s, g = cfg.shapes, cfg.generation
-        return BenchSettings(concept=s.concept, n=s.n, n_retention=s.n_retention,
+        return bench.BenchSettings(concept=s.concept, n=s.n, n_retention=s.n_retention,
                              num_inference_steps=g.num_inference_steps, guidance_scale=s.guidance_scale,
                              seed=s.seed, batch_size=g.batch_size)
 
     def rows(self, cfg: EvalConfig) -> list[dict]:
-        from sdd.shapes import bench
-
         settings = self.settings(cfg)
         try:
             its = bench.items(settings)
@@ -558,24 +562,32 @@ class ShapesSuite:
     def scorers(self, cfg: EvalConfig) -> list[ScorerSpec]:
         return [oracle_spec(cfg.shapes.concept)]
 
+    def guidance(self, cfg: EvalConfig):
+        return cfg.shapes.guidance_scale
+
+    def picture(self, cfg: EvalConfig, folders):
+        """The benchmark's own grid (``sdd.shapes.bench.grid``): one line per entry, the same seeds."""
+        from PIL import Image
+
+        rows = [bench.Row(f.entry.label, f.entry.model, f.entry.method,
+                          images=[Image.open(os.path.join(f.path, j.file_name)).convert("RGB") for j in f.jobs])
+                for f in folders]
+        return bench.grid(rows, self.settings(cfg))
+
     def grid_picks(self, cfg: EvalConfig, jobs) -> list[int]:
-        return []  # the grid is sdd.shapes.bench.grid, drawn by the harness
+        return []  # the picture is the benchmark's grid
 
     def aggregate(self, cfg: EvalConfig, data: Sequence[EntryImages], context: dict) -> dict:
         return aggregate_shapes(self.settings(cfg), data)
 
 
 def readings(e: EntryImages) -> list:
-    from sdd.shapes.oracle import Reading
-
     found = e.results.get("oracle", {})
-    return [Reading(found[r["file_name"]]["scores"]["colour"], found[r["file_name"]]["scores"]["shape"],
+    return [oracle.Reading(found[r["file_name"]]["scores"]["colour"], found[r["file_name"]]["scores"]["shape"],
                     int(found[r["file_name"]]["scores"]["pixels"])) for r in e.records]
 
 
 def aggregate_shapes(settings, data: Sequence[EntryImages]) -> dict:
-    from sdd.shapes import bench
-
     results = {e.label: {k: agg.from_rate(v) for k, v in bench.score(settings, readings(e)).items()} for e in data}
     return {"columns": bench.column_titles(settings.concept), "results": results, "tables": [],
             "notes": ["intervals: 95 % Wilson, as sdd-shapes bench"]}

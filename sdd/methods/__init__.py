@@ -1,11 +1,8 @@
-"""Fine-tuning methods. Each module: the pure math, its config dataclass, and a class the training loop runs."""
+"""Every method, one module each: the pure math (with its equation), the settings, the config, the method class.
 
-from __future__ import annotations
-
-
-def registry() -> dict:
-    """Method name (the config's ``method`` field) -> (config schema, method class)."""
-    from sdd.methods.esd import ESDConfig, ESDMethod
-    from sdd.methods.sdd import SDDConfig, SDDMethod
-
-    return {"sdd": (SDDConfig, SDDMethod), "esd": (ESDConfig, ESDMethod)}
+Fine-tuning methods (loop clients, ``sdd.loop.Method``): ``sdd`` (SDD), ``esd`` (ESD), ``hfi`` (HFI's token
+inversion), ``reward`` (HFI's reward model), ``shapes_base`` (the ShapesWorld base model); ``registry`` names them.
+Inference-time methods (``sdd.generation.Guidance``): ``sld``, ``sega``; ``inference`` runs any of them (and the
+negative prompt) by name. ``common`` holds what the fine-tuning methods share (config sections, base model, text
+embeddings, export); ``knobs`` the validation of the inference methods' settings.
+"""

@@ -1,19 +1,57 @@
-"""Pieces every fine-tuning method shares: a built base model, its text embeddings, sample grids, export."""
+"""Pieces every fine-tuning method shares: the config sections, a built base model, its text embeddings, the
+latents' draws, sample grids, export."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 
-from sdd.config import TrackingConfig
+from sdd.config import (
+    ExportConfig,
+    FinetuneSet,
+    LoraConfig,
+    ModelConfig,
+    TrackingConfig,
+    TrainConfig,
+    check,
+)
 from sdd.export import ModelCard, export_model
 from sdd.generation import Request, generate, with_unet
 from sdd.models import SDComponents, load_components
+from sdd.perf import PerfConfig
 from sdd.sampling import encode_prompts
 
 UNRELATED_PROMPTS = ["a photo of a dog", "a landscape painting of mountains"]
+
+
+@dataclass
+class FineTuningConfig:
+    """The config sections every fine-tuning method shares; a method's config adds its own section (``sdd``,
+    ``esd``) and may change a default (ESD's ``finetune`` choices and ``train`` defaults)."""
+
+    method: str = ""  # which method the file is for (the registry's name; sdd-export and sdd.api read it)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    concepts: list[str] = field(default_factory=lambda: ["nudity"])
+    learned_embeds: Optional[str] = None  # a learned_embeds.safetensors whose token(s) may appear in concepts
+    output_dir: str = "outputs/run"
+    finetune: FinetuneSet = "xattn"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+
+    def __post_init__(self) -> None:
+        check(len(self.concepts) > 0, "concepts", "name at least one concept, e.g. concepts='[nudity]'")
+        check(all(c.strip() for c in self.concepts), "concepts", "a concept is empty")
+
+
+def sample_offset(micro_step: int, process_index: int, num_processes: int, batch_size: int) -> int:
+    """How many latents all processes drew before this process's micro-step ``micro_step``."""
+    return (micro_step * num_processes + process_index) * batch_size
 
 
 def load_base(pretrained: str, revision: str | None, device, learned_embeds: str | None = None) -> SDComponents:

@@ -21,11 +21,12 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from sdd.config import ExportConfig, LoraConfig, ModelConfig, TrackingConfig, TrainConfig, check
+from sdd import timing
+from sdd.config import TrainConfig, check
 from sdd.export import ModelCard
 from sdd.methods import common
 from sdd.params import configure_trainable
-from sdd.perf import PerfConfig, apply_to_unet, frozen_copy, sampling_autocast
+from sdd.perf import apply_to_unet, frozen_copy, sampling_autocast
 from sdd.sampling import concept_indices, sample_k, sample_to_k
 
 # --- the math (pure) -----------------------------------------------------------------------------------------
@@ -64,23 +65,12 @@ class ESDSettings:
 
 
 @dataclass
-class ESDConfig:
+class ESDConfig(common.FineTuningConfig):
     method: Literal["esd"] = "esd"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    concepts: list[str] = field(default_factory=lambda: ["nudity"])
-    learned_embeds: Optional[str] = None
     output_dir: str = "outputs/esd"
     finetune: ESDFinetune = "esd-x"
-    lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, lr=1e-5, weight_decay=0.0))
     esd: ESDSettings = field(default_factory=ESDSettings)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    perf: PerfConfig = field(default_factory=PerfConfig)
-
-    def __post_init__(self) -> None:
-        check(len(self.concepts) > 0, "concepts", "name at least one concept, e.g. concepts='[nudity]'")
-        check(all(c.strip() for c in self.concepts), "concepts", "a concept is empty")
 
 
 # --- the method ----------------------------------------------------------------------------------------------
@@ -109,15 +99,14 @@ class ESDMethod:
         self.resolution = s.resolution or self.base.default_resolution
         self.latent_shape = common.latent_shape(self.base, self.resolution)
 
-    # the two halves of a step (timed separately by sdd-bench)
-
-    def draw(self, step: int, generator: torch.Generator):
+    def draw(self, micro_step: int, generator: torch.Generator):
         """A micro-step's random draws: initial noise z_T, sampling steps k, concept index per latent."""
         s, batch = self.cfg.esd, self.cfg.train.batch_size
         z_T = torch.randn((batch, *self.latent_shape), generator=generator)
         k = sample_k(batch, s.ddim_steps, generator, s.k_distribution, (s.beta_a, s.beta_b))
-        offset = (step * self.num_processes + self.process_index) * batch
-        return z_T, k, concept_indices(s.concept_schedule, len(self.cfg.concepts), batch, offset, generator)
+        offset = common.sample_offset(micro_step, self.process_index, self.num_processes, batch)
+        n_concepts = len(self.cfg.concepts)
+        return z_T, k, concept_indices(s.concept_schedule, n_concepts, batch, offset, generator)
 
     def sample_latents(self, model, z_T, k, idx):
         """z_t sampled by the model being trained toward c, its timesteps, c, and the frozen model's target."""
@@ -129,33 +118,31 @@ class ESDMethod:
         with sampling_autocast(c_uncond.device, self.cfg.perf.teacher_precision):
             z_t, t = sample_to_k(model, self.scheduler, z_T, c, c_uncond, s.start_guidance, k)
             with torch.no_grad():
-                eps = self.frozen(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c_uncond_b, c])).sample
-                target = esd_target(eps[:batch].float(), eps[batch:].float(), s.negative_guidance)
+                if self.cfg.perf.frozen_passes == "batched":
+                    eps = self.frozen(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c_uncond_b, c])).sample
+                    eps_uncond, eps_concept = eps[:batch], eps[batch:]
+                else:  # two calls, as the original script
+                    eps_uncond = self.frozen(z_t, t, encoder_hidden_states=c_uncond_b).sample
+                    eps_concept = self.frozen(z_t, t, encoder_hidden_states=c).sample
+                target = esd_target(eps_uncond.float(), eps_concept.float(), s.negative_guidance)
         return z_t.float(), t, c, target
 
     # the loop's interface
 
-    def compute_loss(self, model, step: int, generator: torch.Generator):
-        z_T, k, idx = self.draw(step, generator)
-        z_t, t, c, target = self.sample_latents(model, z_T, k, idx)
-        eps_concept = model(z_t, t, encoder_hidden_states=c).sample
-        return esd_loss(eps_concept, target), {"k": k.float().mean().item()}
-
-    def after_optimizer_step(self) -> None:
-        pass
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {}  # the frozen model is the base model: nothing to save
-
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        pass
+    def compute_loss(self, model, micro_step: int, generator: torch.Generator):
+        z_T, k, idx = self.draw(micro_step, generator)
+        with timing.region("sampling"):
+            z_t, t, c, target = self.sample_latents(model, z_T, k, idx)
+        loss = esd_loss(model(z_t, t, encoder_hidden_states=c).sample, target)
+        logs = {"k": k.float().mean().item()}
+        return loss, logs
 
     def export_unet(self):
         return self.model
 
     def validation_images(self):
         prompts = common.default_prompts(self.cfg.concepts, self.cfg.tracking)
-        return common.validation_images(self.base, self.model, prompts, self.cfg.tracking, self.resolution)
+        return common.validation_images(self.base, self.export_unet(), prompts, self.cfg.tracking, self.resolution)
 
     def export(self, output_dir: str) -> dict[str, str]:
         cfg = self.cfg
@@ -168,4 +155,4 @@ class ESDMethod:
             hyperparameters=common.hyperparameters(cfg, cfg.esd),
             exported="the fine-tuned model",
         )
-        return common.export_unet(output_dir, self.base, self.model, cfg, card)
+        return common.export_unet(output_dir, self.base, self.export_unet(), cfg, card)

@@ -25,11 +25,12 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from sdd.config import ExportConfig, FinetuneSet, LoraConfig, ModelConfig, TrackingConfig, TrainConfig, check
+from sdd import timing
+from sdd.config import check
 from sdd.export import ModelCard
 from sdd.methods import common
 from sdd.params import configure_trainable
-from sdd.perf import PerfConfig, apply_to_unet, ema_loop_, frozen_copy, sampling_autocast
+from sdd.perf import apply_to_unet, ema_loop_, frozen_copy, sampling_autocast
 from sdd.sampling import concept_indices, sample_k, sample_to_k
 
 # --- the math (pure) -----------------------------------------------------------------------------------------
@@ -74,23 +75,10 @@ class SDDSettings:
 
 
 @dataclass
-class SDDConfig:
+class SDDConfig(common.FineTuningConfig):
     method: Literal["sdd"] = "sdd"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    concepts: list[str] = field(default_factory=lambda: ["nudity"])
-    learned_embeds: Optional[str] = None  # a learned_embeds.safetensors whose token(s) may appear in concepts
     output_dir: str = "outputs/sdd"
-    finetune: FinetuneSet = "xattn"
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     sdd: SDDSettings = field(default_factory=SDDSettings)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    perf: PerfConfig = field(default_factory=PerfConfig)
-
-    def __post_init__(self) -> None:
-        check(len(self.concepts) > 0, "concepts", "name at least one concept, e.g. concepts='[nudity]'")
-        check(all(c.strip() for c in self.concepts), "concepts", "a concept is empty")
 
 
 # --- the method ----------------------------------------------------------------------------------------------
@@ -130,24 +118,28 @@ class SDDMethod:
         self.preserve_texts = list(s.preserve_prompts)
         self.texts = common.TextEmbeddings(self.base, ["", *student_texts, *sampler_texts, *self.preserve_texts],
                                            cfg.perf.cache_text_embeddings)
-
         self.scheduler = common.ddim_grid(self.base, s.ddim_steps)
         self.resolution = s.resolution or self.base.default_resolution
         self.latent_shape = common.latent_shape(self.base, self.resolution)
 
-    # the two halves of a step (timed separately by sdd-bench)
-
-    def draw(self, step: int, generator: torch.Generator):
+    def draw(self, micro_step: int, generator: torch.Generator):
         """A micro-step's random draws: initial noise z_T, teacher steps k, concept index per latent."""
         s, batch = self.cfg.sdd, self.cfg.train.batch_size
         z_T = torch.randn((batch, *self.latent_shape), generator=generator)
         k = sample_k(batch, s.ddim_steps, generator, s.k_distribution, (s.beta_a, s.beta_b))
+        offset = common.sample_offset(micro_step, self.process_index, self.num_processes, batch)
         n_concepts = max(len(self.student_texts), len(self.sampler_texts))
-        return z_T, k, concept_indices(s.concept_schedule, n_concepts, batch, self._offset(step), generator)
+        return z_T, k, concept_indices(s.concept_schedule, n_concepts, batch, offset, generator)
 
-    def _offset(self, step: int) -> int:
-        """How many latents all processes drew before this one's micro-step ``step``."""
-        return (step * self.num_processes + self.process_index) * self.cfg.train.batch_size
+    def sample_latents(self, model, z_T, k, idx):
+        """z_t sampled by the EMA teacher toward c_p (``model``, the student, does not sample), its timesteps, and
+        the conditionings the student needs (c_uncond, c_s)."""
+        s = self.cfg.sdd
+        c_uncond, c_p, c_s = self.conditioning(idx)
+        z_T = z_T.to(c_uncond.device)
+        with sampling_autocast(c_uncond.device, self.cfg.perf.teacher_precision):
+            z_t, t = sample_to_k(self.teacher, self.scheduler, z_T, c_p, c_uncond, s.guidance_scale, k)
+        return z_t.float(), t, c_uncond, c_s
 
     def conditioning(self, idx: torch.Tensor):
         """(c_uncond, c_p, c_s) for concept indices ``idx``."""
@@ -155,21 +147,6 @@ class SDDMethod:
         n_s, n_p = len(self.student_texts), len(self.sampler_texts)
         c_student, c_sampler = embeds[1 : 1 + n_s], embeds[1 + n_s : 1 + n_s + n_p]
         return embeds[:1], c_sampler[idx % n_p], c_student[idx % n_s]
-
-    def preserve_conditioning(self, step: int) -> torch.Tensor:
-        """The prompts to keep for micro-step ``step``'s latents, round-robin over all processes (no draw)."""
-        keep = concept_indices("iterative", len(self.preserve_texts), self.cfg.train.batch_size, self._offset(step),
-                               None)
-        return self.texts.get()[1 + len(self.student_texts) + len(self.sampler_texts) :][keep]
-
-    def sample_latents(self, z_T, k, idx):
-        """The teacher's latents z_t, their timesteps t, and the conditionings the student needs."""
-        s = self.cfg.sdd
-        c_uncond, c_p, c_s = self.conditioning(idx)
-        z_T = z_T.to(c_uncond.device)
-        with sampling_autocast(c_uncond.device, self.cfg.perf.teacher_precision):
-            z_t, t = sample_to_k(self.teacher, self.scheduler, z_T, c_p, c_uncond, s.guidance_scale, k)
-        return z_t.float(), t, c_uncond, c_s
 
     def student_loss(self, model, z_t, t, c_uncond, c_s) -> torch.Tensor:
         """SDD's loss on the student: its concept prediction toward its own unconditional one."""
@@ -184,6 +161,13 @@ class SDDMethod:
             eps_concept = model(z_t, t, encoder_hidden_states=c_s).sample
         return sdd_loss(eps_concept, eps_uncond)
 
+    def preserve_conditioning(self, micro_step: int) -> torch.Tensor:
+        """The prompts to keep for micro-step ``micro_step``'s latents, round-robin over all processes (no draw)."""
+        batch = self.cfg.train.batch_size
+        offset = common.sample_offset(micro_step, self.process_index, self.num_processes, batch)
+        keep = concept_indices("iterative", len(self.preserve_texts), batch, offset, None)
+        return self.texts.get()[1 + len(self.student_texts) + len(self.sampler_texts) :][keep]
+
     def preserve_loss(self, model, z_t, t, c_keep) -> torch.Tensor:
         """The preservation term: the student's predictions for prompts to keep toward the frozen original's."""
         with torch.no_grad(), sampling_autocast(z_t.device, self.cfg.perf.teacher_precision):
@@ -192,13 +176,14 @@ class SDDMethod:
 
     # the loop's interface
 
-    def compute_loss(self, model, step: int, generator: torch.Generator):
-        z_T, k, idx = self.draw(step, generator)
-        z_t, t, c_uncond, c_s = self.sample_latents(z_T, k, idx)
+    def compute_loss(self, model, micro_step: int, generator: torch.Generator):
+        z_T, k, idx = self.draw(micro_step, generator)
+        with timing.region("sampling"):
+            z_t, t, c_uncond, c_s = self.sample_latents(model, z_T, k, idx)
         loss = self.student_loss(model, z_t, t, c_uncond, c_s)
         logs = {"k": k.float().mean().item()}
         if self.preserve_texts:
-            keep = self.preserve_loss(model, z_t, t, self.preserve_conditioning(step))
+            keep = self.preserve_loss(model, z_t, t, self.preserve_conditioning(micro_step))
             # tensors, not floats: the loop reads them only when it logs (no device sync every step)
             logs.update({"loss_erase": loss.detach(), "loss_preserve": keep.detach()})
             loss = loss + self.cfg.sdd.preserve_weight * keep

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-from sdd.files import to_json
+from sdd.errors import UserError
 from sdd.generation import Request
 from sdd.shapes import oracle, world
 from sdd.stats import Rate, wilson
@@ -137,6 +137,35 @@ class Row:
     images: list = field(default_factory=list, repr=False)
 
 
+def parse_row(label: str | None, spec: str) -> Row:
+    """A row from ``PATH[@METHOD]`` (``shapes``, ``tiny`` or a diffusers folder; a generation method, ``sd`` by
+    default), labelled ``label`` or by the spec itself."""
+    from sdd.methods.inference import METHODS
+
+    path, _, method = spec.partition("@")
+    method = method or "sd"
+    if method not in METHODS:
+        raise UserError(f"--model {spec}: unknown method '{method}', expected one of {list(METHODS)}")
+    if not path:
+        raise UserError(f"--model {spec}: no model path")
+    if path not in ("shapes", "tiny") and not os.path.isdir(path):
+        raise UserError(f"--model {spec}: no such model folder: {path}")
+    default_label = path if method == "sd" else f"{path}@{method}"
+    return Row(label=label or default_label, model=path, method=method)
+
+
+def settings_for(concept: str, **values) -> BenchSettings:
+    """Checked benchmark settings: a concept of the world, at least one image per group."""
+    try:
+        world.concept_kind(concept)
+    except ValueError as err:
+        raise UserError(f"--concept: {err}") from None
+    settings = BenchSettings(concept=concept, **values)
+    if settings.n < 1 or settings.n_retention < 1:
+        raise UserError("--n and --n-retention must be >= 1")
+    return settings
+
+
 def grid(rows: Sequence[Row], settings: BenchSettings, per_group=(8, 4, 8), scale: int = 2) -> Image.Image:
     """One line per model: the first images of the concept, bare and retention groups (same seeds)."""
     its = items(settings)
@@ -170,10 +199,14 @@ def run(rows: Sequence[Row], settings: BenchSettings, out_dir: str | None = None
     """Generate, judge and score every row; write bench.json and grid.png to ``out_dir``."""
     import torch
 
-    from sdd.baselines import generate_with_method
     from sdd.methods.common import load_base
+    from sdd.methods.inference import generate_with_method
 
     world.concept_kind(settings.concept)  # fail early on an unknown concept
+    if out_dir:
+        from sdd.files import check_writable_dir
+
+        check_writable_dir(out_dir, "--out")
     for row in rows:
         started = time.perf_counter()
         model = load_base(row.model, None, "cuda" if torch.cuda.is_available() else "cpu")
@@ -195,10 +228,9 @@ def run(rows: Sequence[Row], settings: BenchSettings, out_dir: str | None = None
                     "cpus": os.cpu_count()},
     }
     if out_dir:
-        from sdd.files import atomic_path, write_text
+        from sdd.files import atomic_path, write_json
 
-        os.makedirs(out_dir, exist_ok=True)
-        write_text(os.path.join(out_dir, "bench.json"), to_json(report, indent=2) + "\n")
+        write_json(os.path.join(out_dir, "bench.json"), report)
         with atomic_path(os.path.join(out_dir, "grid.png")) as tmp:
             grid(rows, settings).save(tmp, format="PNG")
         report["files"] = {"json": os.path.join(out_dir, "bench.json"), "grid": os.path.join(out_dir, "grid.png")}

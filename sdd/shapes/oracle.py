@@ -8,7 +8,7 @@
    box; ``none`` when there is no blob of at least 8 pixels.
 
 Exposed to the evaluation harness as a detector: ``present(image, concept)``, and ``ShapesOracle(concept)``
-satisfies ``sdd.eval.detectors.ConceptDetector``.
+satisfies ``sdd.detectors.ConceptDetector``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class ShapesOracle:
     """The oracle as a detector: is ``concept`` (a colour or a shape word) present in the image?
 
     ``ShapesOracle(concept)`` is also an evaluation-harness detector of that concept
-    (``sdd.eval.detectors.ConceptDetector``: ``name``, ``criterion()``, ``detect(images)``).
+    (``sdd.detectors.ConceptDetector``: ``name``, ``criterion()``, ``detect(images)``).
     """
 
     name = "shapes-oracle"
@@ -137,8 +137,8 @@ class ShapesOracle:
 
     def detect(self, images: Sequence) -> list:
         """Adapter to the harness protocol: one ``Detection`` per image, the reading as its scores."""
-        from sdd.eval.detectors import Detection
-        from sdd.eval.images import load_rgb
+        from sdd.detectors import Detection
+        from sdd.images import load_rgb
 
         if self.concept is None:
             raise UserError("shapes oracle: detect() needs a concept, e.g. ShapesOracle('red')")

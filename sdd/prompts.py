@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 from sdd.errors import UserError
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "prompts")
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "prompts")
 
 SEED_COLUMNS = ("evaluation_seed", "sd_seed", "seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale")

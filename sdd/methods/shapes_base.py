@@ -1,9 +1,12 @@
-"""Training the ShapesWorld base model through the generic loop, in two stages.
+"""The ShapesWorld base model, trained from scratch through the generic loop in two stages (``stages``).
+
+    loss_vae = || D(E(x) + sigma eps) - x ||^2 + w_kl KL(q(z|x) || N(0, I))
+    loss     = E_{t, eps} [ min(SNR(t), gamma) / SNR(t) * || eps - eps_theta(z_t, c, t) ||^2 ],  c = "" w.p. p_empty
 
 1. ``ShapesVAEMethod``: the AutoencoderKL, on reconstruction (MSE) + a small KL term.
 2. ``ShapesDiffusionMethod``: UNet and text encoder jointly, on the standard epsilon-prediction loss with
-   min-SNR-5 weighting, 10 % empty captions (for classifier-free guidance), and an EMA of the weights, which is
-   what gets exported.
+   min-SNR-5 weighting (Hang et al. 2023), 10 % empty captions (for classifier-free guidance), and an EMA of the
+   weights, which is what gets exported.
 
 Images are rendered on the fly from each micro-step's generator; nothing is stored.
 """
@@ -29,6 +32,15 @@ from sdd.generation import Request, generate, to_pil
 from sdd.methods.sdd import ema_update_
 from sdd.shapes import model as shapes_model
 from sdd.shapes import world
+
+# --- the math (pure) -----------------------------------------------------------------------------------------
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR(t), gamma) / SNR(t): the min-SNR-gamma weighting for epsilon prediction (Hang et al. 2023)."""
+    alpha_bar = alphas_cumprod[t]
+    snr = alpha_bar / (1.0 - alpha_bar)
+    return torch.clamp(snr, max=gamma) / snr
 
 
 def batch_rng(generator: torch.Generator) -> np.random.Generator:
@@ -86,6 +98,25 @@ class ShapesBaseConfig:
         )
 
 
+def vae_folder(cfg: ShapesBaseConfig) -> str:
+    """The trained VAE the diffusion stage uses: ``vae_path``, or stage 1's export in ``OUT/vae/vae``."""
+    return cfg.vae_path or os.path.join(cfg.output_dir, "vae", "vae")
+
+
+def stages(cfg: ShapesBaseConfig) -> list[tuple[ShapesBaseConfig, type]]:
+    """(config, method class) of each stage to run: the VAE (unless one is given or trained already), then the
+    UNet + text encoder. Stage 1 runs in ``OUT/vae`` with its own steps, LR and batch, and no sample grids."""
+    out = []
+    if not os.path.isdir(vae_folder(cfg)):
+        vae_cfg = dataclasses.replace(
+            cfg, output_dir=os.path.join(cfg.output_dir, "vae"), train=cfg.vae_train(),
+            tracking=dataclasses.replace(cfg.tracking, sample_every=0, run_name="shapes-vae"),
+        )
+        out.append((vae_cfg, ShapesVAEMethod))
+    out.append((cfg, ShapesDiffusionMethod))
+    return out
+
+
 # --- stage 1: the autoencoder --------------------------------------------------------------------------------
 
 
@@ -103,7 +134,7 @@ class Autoencoder(nn.Module):
 
 
 class ShapesVAEMethod:
-    def __init__(self, cfg: ShapesBaseConfig, device="cpu"):
+    def __init__(self, cfg: ShapesBaseConfig, device="cpu", process_index: int = 0, num_processes: int = 1):
         self.cfg = cfg
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -111,7 +142,7 @@ class ShapesVAEMethod:
         self.model = Autoencoder(self.vae).train()
         self.device = device
 
-    def compute_loss(self, model, step, generator):
+    def compute_loss(self, model, micro_step, generator):
         images, _, _ = world.sample_batch(batch_rng(generator), self.cfg.vae.batch_size)
         x = torch.from_numpy(images).to(self.device)
         f = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -120,15 +151,6 @@ class ShapesVAEMethod:
         mse = F.mse_loss(recon.float(), x.float())
         kl = posterior.kl().mean() / float(np.prod(noise_shape[1:]))
         return mse + self.cfg.vae.kl_weight * kl, {"mse": mse.item(), "kl": kl.item()}
-
-    def after_optimizer_step(self):
-        pass
-
-    def extra_state(self):
-        return {}
-
-    def load_extra_state(self, state):
-        pass
 
     @torch.no_grad()
     def validation_images(self):
@@ -173,17 +195,11 @@ class TextToImage(nn.Module):
         return self.unet(z_t, t, encoder_hidden_states=context).sample
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min(SNR(t), gamma) / SNR(t): the min-SNR-gamma weighting for epsilon prediction (Hang et al. 2023)."""
-    alpha_bar = alphas_cumprod[t]
-    snr = alpha_bar / (1.0 - alpha_bar)
-    return torch.clamp(snr, max=gamma) / snr
-
-
 class ShapesDiffusionMethod:
-    def __init__(self, cfg: ShapesBaseConfig, vae_path: str, device="cpu"):
+    def __init__(self, cfg: ShapesBaseConfig, device="cpu", process_index: int = 0, num_processes: int = 1):
         from diffusers import AutoencoderKL
 
+        vae_path = vae_folder(cfg)
         if not os.path.isdir(vae_path):
             raise UserError(f"vae_path: no such folder: {vae_path}")
         self.cfg = cfg
@@ -202,7 +218,7 @@ class ShapesDiffusionMethod:
         return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                    return_tensors="pt").input_ids.to(self.device)
 
-    def compute_loss(self, model, step, generator):
+    def compute_loss(self, model, micro_step, generator):
         cfg = self.cfg
         rng = batch_rng(generator)
         images, captions, _ = world.sample_batch(rng, cfg.train.batch_size, p_empty=cfg.diffusion.p_empty)

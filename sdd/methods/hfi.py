@@ -186,7 +186,7 @@ class HFIMethod:
                  num_processes: int = 1):
         from diffusers import DDPMScheduler
 
-        from hfi.feedback import load_items
+        from sdd.feedback import load_items
 
         self.cfg = cfg
         s = cfg.hfi
@@ -221,7 +221,7 @@ class HFIMethod:
         if self.cfg.reward is None:
             self.reward_model = None
             return torch.ones(len(self.files))
-        from hfi.reward import load_reward
+        from sdd.methods.reward import load_reward
 
         self.reward_model = load_reward(self.cfg.reward, device)
         rewards = self.reward_model.score_files(self.files)
@@ -241,7 +241,7 @@ class HFIMethod:
         """The VAE posterior (mean, std) of every kept image, computed once; training samples from it."""
         import numpy as np
 
-        from sdd.eval.images import load_rgb, resize_center_crop
+        from sdd.images import load_rgb, resize_center_crop
 
         vae = self.base.vae
         means, stds = [], []
@@ -258,7 +258,7 @@ class HFIMethod:
 
     # the loop's interface
 
-    def compute_loss(self, model, step: int, generator: torch.Generator):
+    def compute_loss(self, model, micro_step: int, generator: torch.Generator):
         batch = self.cfg.train.batch_size
         device = self.latent_mean.device
         pick = torch.randint(0, len(self.kept), (batch,), generator=generator)
@@ -281,12 +281,6 @@ class HFIMethod:
 
     def after_optimizer_step(self) -> None:
         restore_frozen_rows_(self.table, self.original, self.token_ids)
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {}  # the frozen rows are the base model's, rebuilt at start
-
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        pass
 
     def learned_embeds(self) -> dict[str, torch.Tensor]:
         """{token: (D,)} as diffusers' ``load_textual_inversion`` reads it."""

@@ -4,8 +4,8 @@
     sdd-shapes read IMAGE...                      # what the oracle sees in images
     sdd-shapes ship outputs/shapes-base/pipeline  # install a trained base model as the packaged 'shapes' model
 
-``--model`` takes ``[LABEL=]PATH[@METHOD]``: PATH is ``shapes`` (the shipped model), ``tiny`` or a diffusers
-folder; METHOD a generation method (``sd``, the default, or a baseline such as ``neg``).
+``--model`` takes ``[LABEL=]PATH[@METHOD]``: PATH is ``shapes`` (the shipped model), ``tiny``, a diffusers
+folder or a run folder; METHOD a generation method (``sd``, the default, or a baseline such as ``neg``).
 """
 
 from __future__ import annotations
@@ -14,43 +14,17 @@ import argparse
 import os
 import sys
 
+from sdd import api
 from sdd.errors import UserError, run_main
 from sdd.files import to_json
 
 
-def parse_model(spec: str):
-    from sdd.baselines import METHODS
-    from sdd.shapes.bench import Row
-
-    label, _, rest = spec.rpartition("=")
-    path, _, method = rest.partition("@")
-    method = method or "sd"
-    if method not in METHODS:
-        raise UserError(f"--model {spec}: unknown method '{method}', expected one of {list(METHODS)}")
-    if not path:
-        raise UserError(f"--model {spec}: no model path")
-    if path not in ("shapes", "tiny") and not os.path.isdir(path):
-        raise UserError(f"--model {spec}: no such model folder: {path}")
-    default_label = path if method == "sd" else f"{path}@{method}"
-    return Row(label=label or default_label, model=path, method=method)
-
-
 def cmd_bench(args) -> dict:
-    from sdd.shapes.bench import BenchSettings, format_table, run
-    from sdd.shapes.world import concept_kind
+    from sdd.shapes.bench import format_table
 
-    try:
-        concept_kind(args.concept)
-    except ValueError as err:
-        raise UserError(f"--concept: {err}") from None
-    if args.n < 1 or args.n_retention < 1:
-        raise UserError("--n and --n-retention must be >= 1")
-    settings = BenchSettings(
-        concept=args.concept, n=args.n, n_retention=args.n_retention, num_inference_steps=args.steps,
-        guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
-    )
-    rows = [parse_model(m) for m in (args.model or ["shapes"])]
-    report = run(rows, settings, args.out, progress=not args.quiet)
+    report = api.benchmark(args.model or ["shapes"], args.concept, out=args.out, n=args.n, n_retention=args.n_retention,
+                           num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                           batch_size=args.batch_size, progress=not args.quiet)
     print(f'\nShapesWorld: erasing "{args.concept}" ({args.n} images per group, {args.n_retention} for retention; '
           f"DDIM {args.steps} steps, CFG {args.guidance}; seeds {args.seed}..; 95 % Wilson intervals)")
     print(format_table(args.concept, report["rows"]))

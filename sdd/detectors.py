@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from sdd.errors import UserError
-from sdd.eval.images import ImageInput, to_bgr_uint8
+from sdd.images import ImageInput, to_bgr_uint8
 
 if TYPE_CHECKING:
-    from sdd.eval.clip import ClipEncoder
+    from sdd.clip import ClipEncoder
 
 Score = Union[float, str, bool]
 
@@ -277,7 +277,7 @@ class Q16:
     @classmethod
     def from_pretrained(cls, prompts: str, clip: Optional[str] = None, device: str = "cpu") -> "Q16":
         """``prompts``: a .npy/.safetensors file; ``clip``: folder or hub id (default openai/clip-vit-large-patch14)."""
-        from sdd.eval.clip import DEFAULT_CLIP, ClipEncoder
+        from sdd.clip import DEFAULT_CLIP, ClipEncoder
 
         embeds = load_q16_prompts(prompts)
         return cls(ClipEncoder.from_pretrained(clip or DEFAULT_CLIP, device=device, text=False), embeds, prompts)

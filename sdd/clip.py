@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import torch
 
 from sdd.errors import UserError
-from sdd.eval.images import ImageInput, load_rgb_many
+from sdd.images import ImageInput, load_rgb_many
 
 if TYPE_CHECKING:
     from transformers import CLIPModel

@@ -1,15 +1,16 @@
-"""Generation methods that need no fine-tuning, applied to any model: the baselines every erasure is compared to.
+"""The inference-time methods by name, applied to any model: the baselines every erasure is compared to.
 
 - ``sd``: the model as it is (classifier-free guidance);
 - ``neg``: the concept text as the negative prompt (it replaces the empty prompt of the unconditional branch);
 - ``sld-weak``, ``sld-medium``, ``sld-strong``, ``sld-max``: safe latent diffusion with the paper's presets, the
-  concept text as the safety concept (``sdd.guidance``; the SDD paper compares with Medium and Max);
+  concept text as the safety concept (``sdd.methods.sld``; the SDD paper compares with Medium and Max);
 - ``sega``: semantic guidance with the concept text as a reverse edit prompt, edit scale 5 (as the SDD paper).
 
-``concept=None`` means SLD's 20-concept safety text (``sdd.guidance.SLD_SAFETY_CONCEPT``), the text the SDD paper
+``concept=None`` means SLD's 20-concept safety text (``sdd.methods.sld.SLD_SAFETY_CONCEPT``), the text the SDD paper
 gave every baseline in its I2P table. ``settings`` overrides a method's preset values by name
-(``{"sld_guidance_scale": 500}``; diffusers' argument names, listed in ``sdd.guidance.SLD_KNOBS`` and
-``SEGA_KNOBS``); ``describe_method`` gives the exact settings a method runs with, for the metadata of its images.
+(``{"sld_guidance_scale": 500}``; diffusers' argument names, listed in ``sdd.methods.sld.SLD_KNOBS`` and
+``sdd.methods.sega.SEGA_KNOBS``); ``describe_method`` gives the exact settings a method runs with, for the metadata
+of its images.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from sdd.errors import UserError
 from sdd.generation import CFGGuidance, Guidance, Request, generate
-from sdd.guidance import SLD_PRESETS, SLD_SAFETY_CONCEPT, SEGAGuidance, SLDGuidance, sega_settings, sld_settings
+from sdd.methods.sega import SEGAGuidance, sega_settings
+from sdd.methods.sld import SLD_PRESETS, SLD_SAFETY_CONCEPT, SLDGuidance, sld_settings
 from sdd.models import SDComponents
 
 SLD_METHODS = {f"sld-{preset}": preset for preset in SLD_PRESETS}  # method name -> SLD preset

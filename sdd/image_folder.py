@@ -1,11 +1,8 @@
-"""``sdd-generate``: images for every method and baseline, from a prompt CSV or the command line.
+"""Image folders: the images of prompt rows for any model and method, as a resumable, sharded ``datasets`` folder.
 
-    sdd-generate --model OUT/pipeline --prompts prompts.csv --out images/
-    sdd-generate --model shapes --method sld --sld-preset max --prompt "a red circle" --images-per-prompt 4 --out x/
-    sdd-generate --config configs/generate/i2p_sld_max.yaml model=OUT/pipeline
-
-Every image starts from an explicit initial latent drawn from its own seed (row seed + image index), so the same
-row gives the same noise for every model and method. The output folder is a `datasets` image folder: PNG images
+What ``sdd-generate`` (``sdd.api.generate``) and ``sdd-eval`` write. Every image starts from an explicit initial
+latent drawn from its own seed (row seed + image index), so the same row gives the same noise for every model and
+method. The output folder is a `datasets` image folder: PNG images
 and ``metadata.jsonl`` (one row per image: file_name, prompt, seed, method, settings, and the CSV's columns).
 Re-running into the same folder skips images already written (resumable); with several processes
 (``accelerate launch``) each generates its share of the rows, nothing twice.
@@ -13,7 +10,6 @@ Re-running into the same folder skips images already written (resumable); with s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -21,10 +17,10 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any, Collection, Optional, Sequence
 
-from sdd.config import load_config
-from sdd.errors import UserError, run_main
+from sdd.errors import UserError
 from sdd.files import atomic_path, check_writable_dir, reporting_write_failures, to_json, write_text
 from sdd.generation import Request
+from sdd.jobs import assign_units, distributed_state
 
 METADATA = "metadata.jsonl"
 
@@ -37,7 +33,7 @@ class GenerateConfig:
     sld_preset: Optional[str] = None  # with method=sld
     concept: Optional[str] = None  # the text a baseline steers away from (default: the method's own)
     method_settings: dict[str, Any] = field(default_factory=dict)  # override a preset's values
-    prompts: Optional[str] = None  # a CSV file or a suite name (see sdd.eval.prompts)
+    prompts: Optional[str] = None  # a CSV file or a suite name (see sdd.prompts)
     prompt: list[str] = field(default_factory=list)  # prompts given directly
     seed: int = 0  # seed of rows that have none
     images_per_prompt: int = 1
@@ -73,7 +69,7 @@ def prompt_rows(cfg: GenerateConfig) -> list[dict]:
     if cfg.prompts and cfg.prompt:
         raise UserError("give prompts either as a CSV (--prompts) or directly (--prompt), not both")
     if cfg.prompts:
-        from sdd.eval.prompts import load_suite
+        from sdd.prompts import load_suite
 
         rows = [
             {**r.extra, "prompt": r.prompt, "seed": r.seed, "guidance_scale": r.guidance, "height": r.height,
@@ -170,7 +166,7 @@ def generate_jobs(model, todo: Sequence[Job], cfg: GenerateConfig, out_dir: str,
     ``model`` is already loaded (and on its device). Images whose file name is in ``skip`` are generated (so the
     batch is the same as in an uninterrupted run) but not written.
     """
-    from sdd.baselines import describe_method, generate_with_method
+    from sdd.methods.inference import describe_method, generate_with_method
 
     method = method_name(cfg)
     settings = describe_method(method, cfg.concept, cfg.method_settings)
@@ -209,31 +205,9 @@ def merge_metadata(out_dir: str) -> int:
     return len(ordered)
 
 
-def assign_units(sizes: list[int], num_processes: int) -> list[int]:
-    """The process of each unit of work: in order, to the process with the fewest images so far (ties: the lower
-    index). A pure function of the plan, so every process computes the same assignment without talking.
-    (``unit mod N`` would give process 0 every full batch when each folder ends in a short one.)"""
-    load = [0] * num_processes
-    out = []
-    for size in sizes:
-        rank = min(range(num_processes), key=lambda r: (load[r], r))
-        load[rank] += size
-        out.append(rank)
-    return out
-
-
-def distributed_state():
-    """accelerate's process state; like ``Accelerator``, honour ACCELERATE_USE_CPU, or processes launched on a
-    machine without GPUs would each believe they run alone."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-
-
 def run(cfg: GenerateConfig, progress: bool = True) -> dict:
-    from sdd.baselines import describe_method
     from sdd.methods.common import load_base
+    from sdd.methods.inference import describe_method
 
     settings = describe_method(method_name(cfg), cfg.concept, cfg.method_settings)
     all_jobs = jobs(cfg)
@@ -264,40 +238,3 @@ def run(cfg: GenerateConfig, progress: bool = True) -> dict:
         write_text(os.path.join(cfg.out, "generation.json"), to_json(run_info, indent=2) + "\n")
     state.wait_for_everyone()
     return summary
-
-
-FLAGS = {  # command-line flag -> config key
-    "model": "model", "method": "method", "sld_preset": "sld_preset", "concept": "concept", "prompts": "prompts",
-    "seed": "seed", "images_per_prompt": "images_per_prompt", "guidance": "guidance_scale",
-    "steps": "num_inference_steps", "height": "height", "width": "width", "batch_size": "batch_size",
-    "limit": "limit", "out": "out", "learned_embeds": "learned_embeds",
-}
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="sdd-generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML with GenerateConfig keys")
-    for flag in FLAGS:
-        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None)
-    parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_intermixed_args(argv)
-    overrides = [f"{key}={to_json(getattr(args, flag))}" for flag, key in FLAGS.items()
-                 if getattr(args, flag) is not None]
-    if args.prompt:
-        overrides.append(f"prompt={to_json(args.prompt)}")
-    cfg = load_config(GenerateConfig, args.config, [*overrides, *args.overrides])
-    summary = run(cfg)
-    if summary.get("out"):
-        print(f"{summary['images']} images in {summary['out']} ({summary['generated']} generated, "
-              f"{summary['skipped']} already there); method {summary['method']}, model {summary['model']}")
-    return summary
-
-
-def cli() -> None:
-    run_main(main)
-
-
-if __name__ == "__main__":
-    cli()

@@ -1,4 +1,4 @@
-"""``hfi-loop``: the whole HFI loop on ShapesWorld in one run, each stage one ordinary command.
+"""``hfi-loop``: the HFI experiment on ShapesWorld in one run, each stage one ordinary command.
 
     hfi-loop --model shapes --concept red --out outputs/hfi-loop-red            # the real run (CPU, minutes)
     hfi-loop --model tiny --preset tiny --out outputs/hfi-loop-tiny             # plumbing check in seconds
@@ -17,7 +17,7 @@
               does not cover and where a token learned from images could differ from the word).
 
 A stage whose output exists is skipped, so an interrupted loop continues where it stopped (delete a stage's
-folder to redo it). Run from a checkout: the stages call ``train/*.py`` and ``configs/hfi/*.yaml`` there.
+folder to redo it). Run from a checkout: the stages call ``train/*.py`` and ``configs/{reward,hfi,sdd}/`` there.
 """
 
 from __future__ import annotations
@@ -100,11 +100,11 @@ def plan(model: str, concept: str, out: str, preset: str, noise: float, seed: in
     token = f"<{concept}-hf>"
     d = {name: os.path.join(out, name) for name in
          ("images", "feedback", "reward", "hfi", "sdd-text", "sdd-hfi", "bench")}
-    cfg = os.path.join(ROOT, "configs", "hfi")
+    cfg = os.path.join(ROOT, "configs")
     train = os.path.join(ROOT, "train")
     annotator = "auto@shapes-oracle"
     return [
-        Stage("generate", [py, "-m", "sdd.generate_images", "--model", model, "--prompts",
+        Stage("generate", [py, "-m", "sdd.cli.generate", "--model", model, "--prompts",
                            os.path.join(out, "prompts.csv"), "--images-per-prompt", str(p["images_per_prompt"]),
                            "--steps", str(p["gen_steps"]), "--guidance", str(p["guidance"]), "--out", d["images"]],
               os.path.join(d["images"], "generation.json")),
@@ -112,27 +112,27 @@ def plan(model: str, concept: str, out: str, preset: str, noise: float, seed: in
                            f"shapes:{concept}", "--mode", "binary", "--noise", str(noise), "--seed", str(seed)],
               os.path.join(d["feedback"], "autolabel", f"{annotator}.json")),
         Stage("reward", [py, os.path.join(train, "train_reward.py"), "--config",
-                         os.path.join(cfg, "reward_shapes_red.yaml"), f"feedback.images={d['images']}",
+                         os.path.join(cfg, "reward", "shapes_red.yaml"), f"feedback.images={d['images']}",
                          f"feedback.dir={d['feedback']}", f"feedback.concept={concept}", f"output_dir={d['reward']}",
                          *p["reward"]],
               os.path.join(d["reward"], "reward", "reward.json")),
         Stage("inversion", [py, os.path.join(train, "train_hfi.py"), "--config",
-                            os.path.join(cfg, "hfi_shapes_red.yaml"), f"model.pretrained={model}",
+                            os.path.join(cfg, "hfi", "shapes_red.yaml"), f"model.pretrained={model}",
                             f"images={d['images']}", f"reward={d['reward']}", f"output_dir={d['hfi']}",
                             *hfi_overrides(concept), *p["hfi"]],
               os.path.join(d["hfi"], "learned_embeds.safetensors")),
         Stage("sdd-text", [py, os.path.join(train, "train_sdd.py"), "--config",
-                           os.path.join(ROOT, "configs", "sdd", "shapes_red.yaml"), f"model.pretrained={model}",
+                           os.path.join(cfg, "sdd", "shapes_red.yaml"), f"model.pretrained={model}",
                            f"concepts=[{concept}]", f"output_dir={d['sdd-text']}", "train.checkpoint_every=0",
                            *p["sdd"]],
               os.path.join(d["sdd-text"], "pipeline", "model_index.json")),
         Stage("sdd-hfi", [py, os.path.join(train, "train_sdd.py"), "--config",
-                          os.path.join(cfg, "sdd_shapes_red_hf.yaml"), f"model.pretrained={model}",
+                          os.path.join(cfg, "sdd", "shapes_red_hf.yaml"), f"model.pretrained={model}",
                           f'concepts=["{token}"]',
                           f"learned_embeds={os.path.join(d['hfi'], 'learned_embeds.safetensors')}",
                           f"output_dir={d['sdd-hfi']}", *p["sdd"]],
               os.path.join(d["sdd-hfi"], "pipeline", "model_index.json")),
-        Stage("bench", [py, "-m", "sdd.shapes.cli", "bench", "--model", f"base={model}",
+        Stage("bench", [py, "-m", "sdd.cli.shapes", "bench", "--model", f"base={model}",
                         "--model", f"sdd-text={os.path.join(d['sdd-text'], 'pipeline')}",
                         "--model", f"sdd-hfi={os.path.join(d['sdd-hfi'], 'pipeline')}", "--concept", concept,
                         "--n", str(p["bench_n"]), "--n-retention", str(p["bench_retention"]),
@@ -188,7 +188,7 @@ def run_stage(stage: Stage, log_dir: str) -> None:
 
 def reward_vs_oracle(out: str) -> dict:
     """The reward model's accuracy against the oracle's own (noise-free) answers, on held-out and all images."""
-    from hfi.reward import load_reward
+    from sdd.methods.reward import load_reward
     from sdd.stats import wilson
 
     reward = load_reward(os.path.join(out, "reward"))
@@ -207,7 +207,7 @@ def reward_vs_oracle(out: str) -> dict:
         import yaml
 
         rcfg = yaml.safe_load(f)["reward"]
-    from hfi.reward import heldout_keys
+    from sdd.methods.reward import heldout_keys
 
     held = heldout_keys(names, rcfg["heldout_fraction"], rcfg["split_seed"])
     result = {}

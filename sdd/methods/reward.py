@@ -9,7 +9,7 @@
 (Kim et al., ECCV 2024, arXiv 2407.21032; docs/METHODS.md section 2.1, step 3.) Rank 1 = shows the concept most,
 so a higher reward means "more of the concept"; images marked "X" take part in no pair.
 
-The embeddings are computed once (``hfi.embeddings``, cached on disk) and the MLP trains through the shared
+The embeddings are computed once (``sdd.embeddings``, cached on disk) and the MLP trains through the shared
 loop (``sdd.loop.fit``). A deterministic held-out split (whole images for binary feedback, whole ranked sets
 for rankings) gives the accuracy reported in ``train_summary.json``. The export ``OUT/reward/`` holds
 ``model.safetensors`` and ``reward.json`` (the embedding model, the MLP's shape, the mode and the metrics);
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfi.embeddings import EmbedderConfig, ImageEmbedder
 from sdd.config import TrackingConfig, TrainConfig, check
+from sdd.embeddings import EmbedderConfig, ImageEmbedder
 from sdd.errors import UserError
 from sdd.files import to_json
 
@@ -161,7 +161,7 @@ def load_feedback(cfg: FeedbackConfig) -> FeedbackData:
     one image are separate examples. ranking: every record is one set; sets with fewer than 2 ranked images
     (no pair) are dropped.
     """
-    from hfi.feedback import FeedbackStore
+    from sdd.feedback import FeedbackStore
 
     if not os.path.isdir(cfg.images):
         raise UserError(f"feedback.images: no such folder: {cfg.images}")
@@ -279,7 +279,7 @@ class RewardMethod:
 
     # the loop's interface
 
-    def compute_loss(self, model, step: int, generator: torch.Generator):
+    def compute_loss(self, model, micro_step: int, generator: torch.Generator):
         batch = self.cfg.train.batch_size
         e = self.embeddings
         t = self._train
@@ -293,18 +293,6 @@ class RewardMethod:
             r = model(e[torch.cat([t["better"][rows], t["worse"][rows]]).to(e.device)])
             loss = bradley_terry_loss(r[: len(rows)], r[len(rows):], t["weight"][rows].to(r.device), batch)
         return loss, {}
-
-    def after_optimizer_step(self) -> None:
-        pass
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        pass
-
-    def validation_images(self):
-        return [], []
 
     @torch.no_grad()
     def metrics(self) -> dict:
@@ -341,6 +329,10 @@ class RewardMethod:
                 out[part] = {"sets": int(t["num_sets"]), "pairs": n, "pairwise_accuracy": rate.value,
                              "ci95": [rate.lo, rate.hi]}
         return out
+
+    def summary(self) -> dict:
+        """The held-out accuracy, for ``train_summary.json``."""
+        return {"reward_metrics": self.metrics()}
 
     def reward_info(self) -> dict:
         cfg = self.cfg
@@ -454,16 +446,3 @@ def load_reward(path: str, device="cpu") -> RewardModel:
 def score_images(path: str, images: Sequence, device="cpu") -> torch.Tensor:
     """Rewards (N,) of images (PIL, arrays or file paths) under the reward model saved at ``path``."""
     return load_reward(path, device).score(images)
-
-
-def add_to_summary(output_dir: str, key: str, value) -> None:
-    """Add ``key: value`` to the run's train_summary.json (the loop writes it; the reward adds its metrics)."""
-    from sdd.files import write_text
-
-    path = os.path.join(output_dir, "train_summary.json")
-    summary = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            summary = json.load(f)
-    summary[key] = value
-    write_text(path, to_json(summary, indent=2) + "\n")

@@ -3,7 +3,7 @@
 The embedding model is any CLIP vision tower that transformers loads: a ``CLIPModel`` checkpoint (e.g.
 ``openai/clip-vit-large-patch14``, the model of the authors' annotation prototype), a
 ``CLIPVisionModelWithProjection`` or a plain ``CLIPVisionModel`` folder or hub id; ``tiny-random`` builds a
-randomly initialised CLIP in code (tests and offline smoke runs; ``sdd.eval.clip.tiny_clip``).
+randomly initialised CLIP in code (tests and offline smoke runs; ``sdd.clip.tiny_clip``).
 
 Which vector: ``projected`` = visual_projection(pooled output), CLIP's joint image-text space (what
 ``CLIPModel.get_image_features`` returns); ``pooled`` = the vision tower's pooled output (post-layernorm CLS
@@ -94,8 +94,8 @@ class ImageEmbedder:
 
     @torch.no_grad()
     def embed(self, images: Sequence) -> torch.Tensor:
-        """(N, D) embeddings of PIL images, arrays or file paths (``sdd.eval.images.load_rgb`` formats)."""
-        from sdd.eval.images import load_rgb_many
+        """(N, D) embeddings of PIL images, arrays or file paths (``sdd.images.load_rgb`` formats)."""
+        from sdd.images import load_rgb_many
 
         out = []
         for start in range(0, len(images), self.batch_size):
@@ -140,7 +140,7 @@ class ImageEmbedder:
 def load_clip_vision(model: str):
     """(vision tower, visual projection or None, image processor) of a CLIP checkpoint or ``tiny-random``."""
     if model == TINY_RANDOM:
-        from sdd.eval.clip import tiny_clip
+        from sdd.clip import tiny_clip
 
         enc = tiny_clip(image_size=32, projection_dim=16, seed=0)
         return enc.model.vision_model, enc.model.visual_projection, enc.image_processor
