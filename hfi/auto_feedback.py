@@ -34,6 +34,7 @@ import numpy as np
 
 from sdd.errors import UserError, run_main
 from sdd.files import to_json
+from sdd.judges import detector_for
 
 # --- the noise model (pure) ----------------------------------------------------------------------------------
 
@@ -79,25 +80,7 @@ def unit_rng(seed: int, unit_index: int) -> np.random.Generator:
 
 def make_detector(spec: str, clip: Optional[str] = None, device: str = "cpu"):
     """(detector, default concept text) for ``shapes:CONCEPT``, ``nudenet[:PRESET]``, ``q16:FILE``, ``i2p:FILE``."""
-    kind, _, arg = spec.partition(":")
-    if kind == "shapes":
-        from sdd.shapes.oracle import ShapesOracle
-
-        if not arg:
-            raise UserError("--detector shapes:CONCEPT needs a concept, e.g. shapes:red")
-        return ShapesOracle(arg), arg
-    if kind == "nudenet":
-        from sdd.detectors import NudeNet
-
-        return NudeNet(arg or "i2p"), "nudity"
-    if kind in ("q16", "i2p"):
-        from sdd.detectors import Q16, NudeNet, i2p_detector
-
-        if not arg:
-            raise UserError(f"--detector {kind}:PROMPTS needs Q16's prompt embeddings (.npy or .safetensors)")
-        q16 = Q16.from_pretrained(arg, clip, device)
-        return (q16 if kind == "q16" else i2p_detector(q16, NudeNet("i2p"))), "inappropriate content"
-    raise UserError(f"--detector {spec}: expected shapes:CONCEPT, nudenet[:PRESET], q16:PROMPTS or i2p:PROMPTS")
+    return detector_for(spec, clip, device)
 
 
 # --- labeling ------------------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from sdd.config import load_config, merge_overrides, to_yaml
+from sdd.config import load_config, merge_overrides
 from sdd.errors import UserError
-from sdd.loop import FitResult, fit, list_checkpoints, load_method_checkpoint, make_accelerator, plan_run
+from sdd.loop import FitResult, list_checkpoints, load_method_checkpoint
+from sdd.methods import registry
 from sdd.methods.registry import entry
 
 PathLike = Union[str, os.PathLike]
@@ -60,28 +61,7 @@ def train(config: Any = None, *overrides: str, method: Optional[str] = None) -> 
     Runs on the processes of an ``accelerate launch`` as on one CPU. An interrupted run continues with
     ``train.resume=latest``. Every check (config, output folder, an earlier run there) passes before a model is built.
     """
-    cfg = run_config(config, overrides, method)
-    stages = entry(cfg.method).stages(cfg)
-    for stage_cfg, _ in stages:
-        plan_run(stage_cfg.output_dir, stage_cfg.train, to_yaml(stage_cfg))
-    accelerator = make_accelerator(cfg.train, cfg.tracking, cfg.output_dir)
-    result = None
-    for stage_cfg, method_cls in stages:
-        built = method_cls(stage_cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
-        result = fit(accelerator, built, stage_cfg)
-    accelerator.end_training()
-    _release(accelerator)
-    return result
-
-
-def _release(accelerator) -> None:
-    """Forget accelerate's process-wide settings after a one-process run, so the next ``train`` in the same
-    Python session may choose others (mixed precision, accumulation); a launched run keeps its process group."""
-    if accelerator.num_processes == 1:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+    return registry.train(run_config(config, overrides, method))
 
 
 def export(run_dir: PathLike, *overrides: str, checkpoint: str = "latest", out: Optional[PathLike] = None
@@ -205,9 +185,9 @@ def generate(model: Any, prompts: Union[Sequence[str], str, None] = None, *, out
 
 def _model_path(model: PathLike) -> str:
     """A run folder stands for its exported pipeline (generation loads components, not run folders)."""
-    model = os.fspath(model)
-    pipeline = os.path.join(model, "pipeline")
-    return pipeline if os.path.isfile(os.path.join(pipeline, "model_index.json")) else model
+    from sdd.models import pipeline_path
+
+    return pipeline_path(os.fspath(model))
 
 
 # --- measuring -----------------------------------------------------------------------------------------------
@@ -272,3 +252,23 @@ def speed(method: str = "sdd", *, preset: str = "tiny", finetunes: Sequence[str]
                                   ddim_steps, switches, teacher_bf16, compile, processes)
     return speed_bench.run(case_list, iters, warmup, seed, threads, os.fspath(out) if out else None, command,
                            progress)
+
+
+def attack(model: PathLike, concept: str = "red", attack: str = "concept-inversion", *overrides: str,
+           budget: Optional[int] = None, seed: int = 0, out: Optional[PathLike] = None,
+           progress: bool = False) -> dict:
+    """``sdd-attack``: attack ``model`` (a run or pipeline folder, ``shapes``, ``tiny``, a hub id) to bring
+    ``concept`` back, with ``attack`` (``concept-inversion``, ``prompt-search``, ``ring-a-bell``, ``relearn``,
+    ``static``) within ``budget`` (the attack's unit; default its paper's), and measure the attack success rate.
+    ``overrides`` set any other key of ``sdd.attacks.runner.AttackConfig`` (``method=sld-max``,
+    ``detector=nudenet``, ``inversion.lr=1e-2``, ``n=192``). Writes ``OUT/attack.json`` (and what the attack
+    found, and its images); returns that record: ``asr``, ``ci95``, ``n``, ``budget``, ``curve``, ``found``."""
+    from sdd.attacks.runner import AttackConfig, run
+
+    given = [f"model={os.fspath(model)}", f"concept={concept}", f"attack={attack}", f"seed={seed}"]
+    if budget is not None:
+        given.append(f"budget={budget}")
+    if out is not None:
+        given.append(f"out={os.fspath(out)}")
+    cfg = load_config(AttackConfig, None, [*given, *overrides])
+    return run(cfg, progress=(lambda m: print(m, flush=True)) if progress else None)

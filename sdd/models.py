@@ -248,3 +248,24 @@ def unet_from_single_file(path: str, config_dir: str) -> UNet2DConditionModel:
     if missing or unexpected:
         raise UserError(f"{path}: does not match the UNet in {config_dir} ({len(missing)} missing keys)")
     return unet.eval()
+
+
+def pipeline_path(model: str) -> str:
+    """A training run folder stands for its exported pipeline (``OUT/pipeline``); anything else for itself."""
+    model = os.fspath(model)
+    pipeline = os.path.join(model, "pipeline")
+    return pipeline if os.path.isfile(os.path.join(pipeline, "model_index.json")) else model
+
+
+def run_base_model(model: str) -> Optional[str]:
+    """The model a run started from (``model.pretrained`` of its ``config.yaml``), for a run folder or its
+    ``pipeline/``; None for anything else."""
+    import yaml
+
+    model = os.path.abspath(os.fspath(model))
+    run = os.path.dirname(model) if os.path.basename(model) == "pipeline" else model
+    path = os.path.join(run, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return ((yaml.safe_load(f) or {}).get("model") or {}).get("pretrained")

@@ -6,9 +6,10 @@ File format: ``{token: (D,) or (1, D) tensor}``, the format diffusers' textual-i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from typing import Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -76,3 +77,32 @@ def check_placeholders(tokenizer, texts: Sequence[str]) -> None:
                     f"'{text}' names the token {token}, which this tokenizer does not hold: load the file that "
                     "defines it with learned_embeds=PATH (sdd-generate: --learned-embeds PATH)"
                 )
+
+
+@contextlib.contextmanager
+def substituted_embeddings(text_encoder, vectors: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Inside, token ``id`` embeds as ``vectors[id]`` (a tensor that may carry gradients), wherever it appears.
+
+    The attacks and the adversarial training optimise a token's embedding (or a relaxed one-hot mixture of the
+    vocabulary's) without touching the embedding table: a forward hook replaces the looked-up rows, so the text
+    encoder's own forward (positions, causal mask, final norm) runs unchanged and gradients reach the vectors.
+    """
+    layer = text_encoder.get_input_embeddings()
+    ids = list(vectors)
+
+    def hook(module, args, output):
+        input_ids = args[0] if args else None
+        if input_ids is None:
+            return output
+        out = output
+        for token_id in ids:
+            where = (input_ids == token_id).unsqueeze(-1)
+            if where.any():
+                out = torch.where(where, vectors[token_id].to(out.dtype).expand_as(out), out)
+        return out
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

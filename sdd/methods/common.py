@@ -157,3 +157,43 @@ def hyperparameters(cfg, section) -> dict:
     if cfg.finetune == "lora":
         out.update({f"lora.{k}": v for k, v in dataclasses.asdict(cfg.lora).items()})
     return out
+
+
+@torch.no_grad()
+def encode_images(base: SDComponents, files: Sequence[str], resolution: int, device, batch: int = 32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, std) of every image file (resized and centre-cropped to ``resolution``),
+    computed once; a method trained on images samples its latents from it."""
+    import numpy as np
+
+    from sdd.images import load_rgb, resize_center_crop
+
+    vae = base.vae
+    means, stds = [], []
+    for start in range(0, len(files), batch):
+        pixels = []
+        for path in files[start : start + batch]:
+            image = resize_center_crop(load_rgb(path), resolution)
+            pixels.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+        x = torch.stack(pixels).to(device, next(vae.parameters()).dtype)
+        posterior = vae.encode(x).latent_dist
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def noised_latents(base: SDComponents, noise_scheduler, mean: torch.Tensor, std: torch.Tensor,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The standard denoising batch of images given by their VAE posteriors (B, C, H, W): a posterior sample
+    z_0, t ~ U{0..T-1}, eps, and (z_t, t, target) with the target the model predicts (eps, or v for a
+    v-prediction model)."""
+    device = mean.device
+    sample = mean + std * torch.randn(mean.shape, generator=generator).to(device)
+    z_0 = sample * base.vae.config.scaling_factor
+    eps = torch.randn(z_0.shape, generator=generator).to(device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (mean.shape[0],), generator=generator)
+    t = t.to(device)
+    z_t = noise_scheduler.add_noise(z_0, eps, t)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return z_t, t, noise_scheduler.get_velocity(z_0, eps, t)
+    return z_t, t, eps

@@ -20,7 +20,8 @@ Weights w from rewards r (METHODS.md leaves this open; ``hfi.weighting``):
    the images training samples from, so the loss scale (and the learning rate that suits it) does not depend
    on the reward's scale.
 
-Each micro-step draws B kept images uniformly, a prompt template per image ("a photo of a {}" with the token), a
+Each micro-step draws B kept images uniformly, a prompt template per image ("a photo of a {}" with the token; or,
+with ``hfi.caption_word``, the image's own caption with that word replaced by the token), a
 VAE posterior sample of the cached latent distribution, t ~ U{0..T-1} and eps; the loss is
 (1/B) sum_b w_b * mean((eps_b - eps_theta(z_t, c_b, t_b))^2) (v-prediction models: the velocity target).
 
@@ -122,6 +123,9 @@ class HFISettings:
     placeholder_token: str = "<nudity-hf>"  # the new token (lower case: CLIP's tokenizer lower-cases prompts)
     initializer_token: str = "nudity"  # the word whose embedding (mean of its tokens) the new row starts from
     templates: list[str] = field(default_factory=lambda: list(IMAGENET_TEMPLATES_SMALL))  # prompts, {} = token
+    # each image's own caption as its prompt, this word of it replaced by the token (null: the templates);
+    # Concept Inversion on ShapesWorld: "a red circle" -> "a <attack> circle"
+    caption_word: Optional[str] = None
     weighting: Weighting = "auto"
     temperature: float = 1.0  # tau of the softmax weighting
     top_k: Optional[int] = None  # keep the K highest-reward images (null: all)
@@ -212,8 +216,17 @@ class HFIMethod:
         self.weighting = self._resolve_weighting()
         self.weights = reward_weights(self.rewards, self.weighting, s.temperature, s.top_k)
         self.kept = (self.weights > 0).nonzero().flatten()
-        self.latent_mean, self.latent_std = self._encode([self.files[i] for i in self.kept.tolist()], device)
-        prompts = [t.format(s.placeholder_token) for t in s.templates]
+        self.latent_mean, self.latent_std = common.encode_images(
+            self.base, [self.files[i] for i in self.kept.tolist()], self.resolution, device)
+        if s.caption_word:  # one prompt per image: its caption, the word replaced by the token
+            kept_items = [items[i] for i in self.kept.tolist()]
+            missing = [it.file_name for it in kept_items if s.caption_word not in it.prompt.split()]
+            if missing:
+                raise UserError(f"hfi.caption_word {s.caption_word!r}: the caption of {missing[0]} does not say it")
+            prompts = [" ".join(s.placeholder_token if w == s.caption_word else w for w in it.prompt.split())
+                       for it in kept_items]
+        else:
+            prompts = [t.format(s.placeholder_token) for t in s.templates]
         self.prompt_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                                     truncation=True, return_tensors="pt").input_ids.to(device)
 
@@ -236,26 +249,6 @@ class HFIMethod:
             return "none"
         return "clip" if self.reward_model.mode == "binary" else "softmax"
 
-    @torch.no_grad()
-    def _encode(self, files: list[str], device, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE posterior (mean, std) of every kept image, computed once; training samples from it."""
-        import numpy as np
-
-        from sdd.images import load_rgb, resize_center_crop
-
-        vae = self.base.vae
-        means, stds = [], []
-        for start in range(0, len(files), batch):
-            pixels = []
-            for path in files[start : start + batch]:
-                image = resize_center_crop(load_rgb(path), self.resolution)
-                pixels.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-            x = torch.stack(pixels).to(device, next(vae.parameters()).dtype)
-            posterior = vae.encode(x).latent_dist
-            means.append(posterior.mean.float())
-            stds.append(posterior.std.float())
-        return torch.cat(means), torch.cat(stds)
-
     # the loop's interface
 
     def compute_loss(self, model, micro_step: int, generator: torch.Generator):
@@ -263,17 +256,10 @@ class HFIMethod:
         device = self.latent_mean.device
         pick = torch.randint(0, len(self.kept), (batch,), generator=generator)
         template = torch.randint(0, len(self.prompt_ids), (batch,), generator=generator)
-        mean, std = self.latent_mean[pick.to(device)], self.latent_std[pick.to(device)]
-        sample = mean + std * torch.randn(mean.shape, generator=generator).to(device)
-        z_0 = sample * self.base.vae.config.scaling_factor
-        eps = torch.randn(z_0.shape, generator=generator).to(device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
-        t = t.to(device)
-        z_t = self.noise_scheduler.add_noise(z_0, eps, t)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(z_0, eps, t)
-        else:
-            target = eps
+        if self.cfg.hfi.caption_word:  # the picked images' own captions
+            template = pick
+        z_t, t, target = common.noised_latents(self.base, self.noise_scheduler, self.latent_mean[pick.to(device)],
+                                               self.latent_std[pick.to(device)], generator)
         c = model(self.prompt_ids[template.to(device)])[0]
         eps_pred = self.base.unet(z_t, t, encoder_hidden_states=c.to(self.base.unet.dtype)).sample
         w = self.weights[self.kept[pick]]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+from sdd.config import to_yaml
 from sdd.errors import UserError
-from sdd.methods import esd, hfi, reward, sdd, shapes_base
+from sdd.loop import FitResult, fit, make_accelerator, plan_run
+from sdd.methods import esd, finetune, hfi, reward, sdd, shapes_base
 
 
 class Entry(NamedTuple):
@@ -31,6 +33,7 @@ METHODS: dict[str, Entry] = {
     "hfi": Entry(hfi.HFIConfig, hfi.HFIMethod, _one(hfi.HFIMethod)),
     "hfi-reward": Entry(reward.RewardConfig, reward.RewardMethod, _one(reward.RewardMethod)),
     "shapes-base": Entry(shapes_base.ShapesBaseConfig, shapes_base.ShapesDiffusionMethod, shapes_base.stages),
+    "finetune": Entry(finetune.FinetuneConfig, finetune.FinetuneMethod, _one(finetune.FinetuneMethod)),
 }
 
 
@@ -38,3 +41,29 @@ def entry(name: str | None, where: str = "method") -> Entry:
     if name not in METHODS:
         raise UserError(f"{where}: unknown method {name!r}, expected one of {sorted(METHODS)}")
     return METHODS[name]
+
+
+def train(cfg) -> FitResult:
+    """Train the run config ``cfg`` (its ``method`` names the entry): every stage's checks before a model is
+    built, one accelerator for the stages, the last stage's result. What ``sdd.api.train`` and the attacks run."""
+    stages = entry(cfg.method).stages(cfg)
+    for stage_cfg, _ in stages:
+        plan_run(stage_cfg.output_dir, stage_cfg.train, to_yaml(stage_cfg))
+    accelerator = make_accelerator(cfg.train, cfg.tracking, cfg.output_dir)
+    result = None
+    for stage_cfg, method_cls in stages:
+        built = method_cls(stage_cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
+        result = fit(accelerator, built, stage_cfg)
+    accelerator.end_training()
+    _release(accelerator)
+    return result
+
+
+def _release(accelerator) -> None:
+    """Forget accelerate's process-wide settings after a one-process run, so the next run in the same Python
+    session may choose others (mixed precision, accumulation); a launched run keeps its process group."""
+    if accelerator.num_processes == 1:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
