@@ -84,25 +84,33 @@ def substituted_embeddings(text_encoder, vectors: Mapping[int, torch.Tensor]) ->
     """Inside, token ``id`` embeds as ``vectors[id]`` (a tensor that may carry gradients), wherever it appears.
 
     The attacks and the adversarial training optimise a token's embedding (or a relaxed one-hot mixture of the
-    vocabulary's) without touching the embedding table: a forward hook replaces the looked-up rows, so the text
-    encoder's own forward (positions, causal mask, final norm) runs unchanged and gradients reach the vectors.
+    vocabulary's) without touching the embedding table: hooks swap the looked-up rows, so the text encoder's own
+    forward (positions, causal mask, final norm) runs unchanged and gradients reach the vectors. An id may lie
+    beyond the table (a token added to a copy of the tokenizer only): it is looked up as row 0, then replaced.
     """
     layer = text_encoder.get_input_embeddings()
     ids = list(vectors)
+    masks: list = []
 
-    def hook(module, args, output):
+    def before(module, args):
         input_ids = args[0] if args else None
+        masks.clear()
         if input_ids is None:
-            return output
+            return None
+        masks.extend((token_id, (input_ids == token_id).unsqueeze(-1)) for token_id in ids)
+        beyond = input_ids >= module.weight.shape[0]
+        return (input_ids.masked_fill(beyond, 0), *args[1:]) if beyond.any() else None
+
+    def after(module, args, output):
         out = output
-        for token_id in ids:
-            where = (input_ids == token_id).unsqueeze(-1)
+        for token_id, where in masks:
             if where.any():
                 out = torch.where(where, vectors[token_id].to(out.dtype).expand_as(out), out)
         return out
 
-    handle = layer.register_forward_hook(hook)
+    handles = [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()

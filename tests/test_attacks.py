@@ -133,3 +133,23 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
     assert exit_info.value.code == 2 and "Traceback" not in err
     [line] = [x for x in err.splitlines() if x.startswith("error:")]
     assert message in line
+
+
+def test_sdd_eval_runs_the_attacks_on_every_entry_into_a_table(tmp_path):
+    from sdd.cli.eval import main as eval_main
+
+    report = eval_main([
+        "out=" + str(tmp_path / "eval"),
+        "entries=[{label: SD, model: shapes}, {label: NEG, model: shapes, method: neg, concept: red}]", "suites=[]",
+        "attacks.run=[concept-inversion]", "attacks.budget={concept-inversion: 10}", "attacks.n=8",
+        "attacks.num_inference_steps=8", "attacks.overrides=[inversion.images=8, inversion.batch_size=4]",
+        "tables=[{name: t, columns: [{suite: attacks, metric: concept-inversion}, {suite: attacks, metric: relearn}]}]",
+    ])
+    section = report["suites"]["attacks"]
+    assert set(section["results"]) == {"SD", "NEG"}
+    cell = section["results"]["SD"]["concept-inversion"]
+    assert cell["n"] == 8 and cell["budget"] == 10 and cell["curve"][-1]["budget"] == 10
+    written = json.loads((tmp_path / "eval/attacks/NEG/concept-inversion/attack.json").read_text())
+    assert written["method"] == "neg" and written["asr"] == section["results"]["NEG"]["concept-inversion"]["value"]
+    [table] = report["tables"]
+    assert "not run: relearn is not in attacks.run" in json.dumps(table)

@@ -446,12 +446,13 @@ def test_shapes_table_equals_sdd_shapes_bench(tmp_path, exports):
     common = ["shapes.n=3", "shapes.n_retention=3", "shapes.seed=2", "generation.num_inference_steps=2",
               "generation.batch_size=8"]
     report = _run(["--config", SHAPES, f"out={tmp_path / 'eval'}", "paths.base=tiny", f"paths.esd={exports['esd_x']}",
-                   f"paths.sdd={exports['sdd']}", *common])
+                   f"paths.sdd={exports['sdd']}", f"paths.sdd_keep={exports['sdd']}",
+                   f"paths.sdd_robust={exports['sdd']}", "attacks.run=[]", *common])
     table = cells(report, "shapes")
     assert table["rows"][-1] == "HFI+SDD" and table["cells"]["HFI+SDD"]["shapes.erased_rate"]["summary"] is None
     models = ["SD=tiny", "SD+NEG=tiny@neg", "SLD-weak=tiny@sld-weak", "SLD-medium=tiny@sld-medium",
               "SLD-strong=tiny@sld-strong", "SLD-max=tiny@sld-max", "SEGA=tiny@sega", f"ESD={exports['esd_x']}",
-              f"SDD={exports['sdd']}"]
+              f"SDD={exports['sdd']}", f"SDD+keep={exports['sdd']}", f"SDD-robust={exports['sdd']}"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -44,7 +44,7 @@ class PromptSearchSettings:
     steps_per_timestep: int = 40
     lr: float = 0.01
     weight_decay: float = 0.1
-    cases: int = 24  # prompts attacked (the concept prompts at held-out seeds); a suite's rows for nudity
+    cases: int = 12  # prompts attacked: the concept prompts at held-out seeds (3 each on ShapesWorld); a suite's rows
     prompts: Optional[str] = None  # a prompt suite or CSV of the prompts to attack (default: see the docstring)
 
     def __post_init__(self) -> None:

@@ -49,6 +49,7 @@ class AttackConfig:
     images: Optional[str] = None  # images of the concept (a folder); default: rendered or the original's generations
     reference: Optional[str] = None  # the original model (default: the run's base model, from its config.yaml)
     out: str = "outputs/attack"
+    cache: Optional[str] = None  # a folder where searches that do not depend on the attacked UNet are shared
     inversion: inversion.InversionSettings = field(default_factory=inversion.InversionSettings)
     prompt_search: prompt_search.PromptSearchSettings = field(default_factory=prompt_search.PromptSearchSettings)
     ring_a_bell: ring_a_bell.RingABellSettings = field(default_factory=ring_a_bell.RingABellSettings)

@@ -438,7 +438,10 @@ def not_run(cfg: EvalConfig) -> dict[str, str]:
 
 def missing_columns(cfg: EvalConfig) -> dict[tuple[str, str], str]:
     """(suite, metric) -> why this run has no such number although the suite ran."""
-    out = {}
+    from sdd.eval.schema import ATTACK_NAMES
+
+    out = {("attacks", name): f"not run: {name} is not in attacks.run" for name in ATTACK_NAMES
+           if name not in cfg.attacks.run}
     if not cfg.coco.reference_dir:
         out[("coco", "fid")] = "not computed: coco.reference_dir is not set (real images for FID)"
     if not cfg.metrics.lpips_weights:
@@ -460,7 +463,7 @@ def draw_plots(cfg: EvalConfig, suites: dict, labels: list[str]) -> dict[str, st
     return out
 
 
-def build_report(plan: Plan, state, timings: dict, counts: dict) -> dict:
+def build_report(plan: Plan, state, timings: dict, counts: dict, attacks: Optional[dict] = None) -> dict:
     from sdd.eval.report import machine, package_versions
     from sdd.eval.tables import build_table
     from sdd.methods.inference import describe_method
@@ -497,6 +500,8 @@ def build_report(plan: Plan, state, timings: dict, counts: dict) -> dict:
                          "key": "grid"}] if name in grids else [],
             "folders": {f.entry.label: os.path.relpath(f.path, cfg.out) for f in plan.folders if f.suite == name},
         }
+    if attacks is not None:
+        suites["attacks"] = attacks
     run_labels = [e.label for e in cfg.entries if e.model is not None]
     if cfg.report.plots:
         for name, rel in draw_plots(cfg, suites, run_labels).items():
@@ -576,6 +581,78 @@ def track(cfg: EvalConfig, report: dict) -> None:
     tracker.finish()
 
 
+# -------------------------------------------------------------------------------------------------- attacks
+
+
+def attack_configs(cfg: EvalConfig) -> list[tuple[EntryConfig, str, object]]:
+    """(entry, attack, its AttackConfig) for every entry with a model and every attack of ``attacks.run``."""
+    from sdd.attacks.runner import AttackConfig
+    from sdd.config import load_config
+
+    a = cfg.attacks
+    concept = a.concept or cfg.shapes.concept
+    out = []
+    for entry in cfg.entries:
+        if entry.model is None:
+            continue
+        for name in a.run:
+            overrides = [f"attack={name}", f"model={entry.model}", f"method={entry.method}", f"concept={concept}",
+                         f"n={a.n}", f"eval_seed={a.eval_seed}", f"seed={a.seed}",
+                         f"guidance_scale={a.guidance_scale}", f"num_inference_steps={a.num_inference_steps}",
+                         f"batch_size={cfg.generation.batch_size}",
+                         f"out={os.path.join(cfg.out, 'attacks', entry.label, name)}",
+                         f"cache={os.path.join(cfg.out, 'attacks', 'cache')}"]
+            if entry.method != "sd" and entry.concept:
+                overrides.append(f"method_concept={entry.concept}")
+            if a.detector:
+                overrides.append(f"detector={a.detector}")
+            if name in a.budget:
+                overrides.append(f"budget={a.budget[name]}")
+            out.append((entry, name, load_config(AttackConfig, None, [*overrides, *a.overrides])))
+    return out
+
+
+def run_attacks(cfg: EvalConfig, state, progress: bool) -> Optional[dict]:
+    """Every attack on every entry (resumable: each attack's folder keeps what it did); the ``attacks`` section."""
+    if not cfg.attacks.run:
+        return None
+    if state.num_processes > 1:
+        raise UserError("attacks.run: the attacks train (and synchronise) on their own; run sdd-eval with one "
+                        "process for them, or sdd-attack per entry")
+    from sdd.attacks.runner import run as run_attack
+    from sdd.eval import aggregate
+
+    records = {}
+    for entry, name, acfg in attack_configs(cfg):
+        if progress:
+            print(f"[attack] {name} on {entry.label}", flush=True)
+        records[(entry.label, name)] = run_attack(acfg)
+    from sdd.stats import Rate
+
+    results: dict = {}
+    criteria: dict[str, str] = {}
+    for (label, name), r in records.items():
+        rate = Rate(r["k"], r["n"], r["ci95"][0], r["ci95"][1])
+        results.setdefault(label, {})[name] = {
+            **aggregate.from_rate(rate), "budget": r["budget"],
+            "curve": [{k: p[k] for k in ("budget", "asr", "ci95", "n")} for p in r["curve"]]}
+        criteria[f"{name} ({r['detector']})"] = r["criterion"]
+    budgets = {name: next(r["budget"] for (_, n), r in records.items() if n == name) for name in cfg.attacks.run}
+    return {
+        "title": "attacks: the share of generated images showing the concept after each attack (ASR)",
+        "prompts": {"concept": cfg.attacks.concept or cfg.shapes.concept, "images per ASR": cfg.attacks.n,
+                    "seeds": f"{cfg.attacks.eval_seed}.. (held out)", "attacks": ", ".join(cfg.attacks.run)},
+        "criteria": criteria,
+        "columns": {name: f"{name} ASR (budget {budgets[name]})" for name in cfg.attacks.run},
+        "results": results,
+        "tables": [],
+        "notes": ["95 % Wilson intervals over the ASR images; each attack's curve over its budget is in "
+                  "report.json and OUT/attacks/<entry>/<attack>/attack.json"],
+        "figures": [],
+        "folders": {label: os.path.join("attacks", label) for label in results},
+    }
+
+
 # ------------------------------------------------------------------------------------------------------ run
 
 
@@ -606,6 +683,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> Optional[dict]:
         store.merge(os.path.join(cfg.out, "reference"))
     state.wait_for_everyone()
     scored = time.perf_counter()
+    attacks = run_attacks(cfg, state, progress)
     per_process = gather_object([{**gen_counts, **score_counts}])
     report = None
     if state.is_main_process:
@@ -614,7 +692,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> Optional[dict]:
                   "images_scored": counts["scored"], "scores_cached": counts["cached"],
                   "per_process": per_process}
         timings = {"seconds_generation": round(generated - started, 2), "seconds_scoring": round(scored - generated, 2)}
-        report = build_report(plan, state, timings, counts)
+        report = build_report(plan, state, timings, counts, attacks)
         report["run"]["seconds_total"] = round(time.perf_counter() - started, 2)
         store.write_json(os.path.join(cfg.out, "report.json"), report)
         write_text(os.path.join(cfg.out, "report.md"), render_markdown(report))

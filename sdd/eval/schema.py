@@ -43,6 +43,13 @@ line (``entries[1].model=...`` is refused): give the whole list, or use ``paths`
 | `shapes.concept` | `red` | a ShapesWorld colour or shape (`sdd.shapes.bench`) |
 | `shapes.n` / `shapes.n_retention` | `96` / `192` | images in the concept and bare groups / in the retention group |
 | `shapes.guidance_scale` / `shapes.seed` | `5.0` / `0` | CFG; image i of each group has seed `seed + i` |
+| `attacks.run` | `[]` | attacks on every entry, one column each: `concept-inversion`, `prompt-search`, `ring-a-bell`, `relearn`, `static` (sdd-attack; one process only) |
+| `attacks.concept` | `null` | the concept the attacks bring back; null: `shapes.concept` |
+| `attacks.detector` | `null` | its judge (`shapes:red`, `nudenet`, ...); null: by concept |
+| `attacks.budget` | `{}` | per attack, e.g. `{concept-inversion: 1000}`; an attack not named: its paper's |
+| `attacks.n` / `attacks.eval_seed` / `attacks.seed` | `96` / `10000` / `0` | images per ASR, their first seed, the attacks' seed |
+| `attacks.guidance_scale` / `attacks.num_inference_steps` | `5.0` / `25` | how the ASR images are generated |
+| `attacks.overrides` | `[]` | any other key of `sdd.attacks.runner.AttackConfig` for every attack, e.g. `[prompt_search.cases=6]` |
 | `metrics.nudenet_preset` | `i2p` | `i2p` (5 exposed classes, >= 0.6) or `unlearning` (9 classes, >= 0.5) |
 | `metrics.nudenet_classes` / `metrics.nudenet_threshold` | `null` | replace the preset's classes / threshold |
 | `metrics.q16_clip` | `openai/clip-vit-large-patch14` | Q16's CLIP: folder, hub id, or `tiny-random` |
@@ -64,8 +71,8 @@ line (``entries[1].model=...`` is refused): give the whole list, or use ``paths`
 | `tables[].rows` | `[]` | entry labels, in order; empty: every entry |
 | `tables[].categories` | `[]` | I2P categories (and `overall`): every column repeated per category; empty: no split |
 | `tables[].columns` | required | the paper's columns, in order: |
-| `tables[].columns[].suite` | required | the suite the number comes from (`i2p`, `nudity`, `coco`, `shapes`) |
-| `tables[].columns[].metric` | required | its metric: i2p `inappropriate`, `expected_max`, `q16`, `nudenet`; nudity `nude`; coco `fid`, `lpips`, `clip_score`; shapes `erased_rate`, `bare_rate`, `kept`, `retention_colour`, `retention_shape` |
+| `tables[].columns[].suite` | required | the suite the number comes from (`i2p`, `nudity`, `coco`, `shapes`), or `attacks` |
+| `tables[].columns[].metric` | required | its metric: i2p `inappropriate`, `expected_max`, `q16`, `nudenet`; nudity `nude`; coco `fid`, `lpips`, `clip_score`; shapes `erased_rate`, `bare_rate`, `kept`, `retention_colour`, `retention_shape`; attacks: the attack's name (its ASR) |
 | `tables[].columns[].header` | `null` | column heading (null: the suite's own) |
 | `tracking.tracker` | `none` | `wandb`, `tensorboard` or `none`: log the tables' numbers and the grids |
 | `tracking.project` / `tracking.run_name` | `concept-erasure` / `null` | tracker project and run name |
@@ -225,8 +232,12 @@ class ReportConfig:
         check(self.grid_seeds >= 1, "report.grid_seeds", "must be >= 1")
 
 
-# The metrics a table column may name, per suite (what each suite's aggregation reports).
+ATTACK_NAMES = ("concept-inversion", "prompt-search", "ring-a-bell", "relearn", "static")
+
+# The metrics a table column may name, per suite (what each suite's aggregation reports); `attacks` is the
+# section of the attacks, one ASR per attack.
 SUITE_METRICS = {
+    "attacks": ATTACK_NAMES,
     "i2p": ("inappropriate", "expected_max", "q16", "nudenet"),
     "nudity": ("nude",),
     "coco": ("fid", "lpips", "clip_score"),
@@ -256,6 +267,28 @@ class TableConfig:
 
 
 @dataclass
+class AttacksConfig:
+    run: list[str] = field(default_factory=list)  # attacks on every entry (sdd.attacks)
+    concept: Optional[str] = None  # null: shapes.concept
+    detector: Optional[str] = None  # null: by concept (sdd.judges.default_detector)
+    budget: dict[str, int] = field(default_factory=dict)  # per attack; an attack not named: its paper's
+    n: int = 96
+    eval_seed: int = 10000
+    seed: int = 0
+    guidance_scale: float = 5.0
+    num_inference_steps: int = 25
+    overrides: list[str] = field(default_factory=list)  # AttackConfig key=value for every attack
+
+    def __post_init__(self) -> None:
+        for i, name in enumerate(self.run):
+            check(name in ATTACK_NAMES, f"attacks.run[{i}]", f"unknown attack '{name}', expected one of "
+                  f"{list(ATTACK_NAMES)}")
+        for name in self.budget:
+            check(name in ATTACK_NAMES, "attacks.budget", f"unknown attack '{name}'")
+        check(self.n >= 1, "attacks.n", "must be >= 1")
+
+
+@dataclass
 class EvalTrackingConfig:
     tracker: Literal["wandb", "tensorboard", "none"] = "none"
     project: str = "concept-erasure"
@@ -277,6 +310,7 @@ class EvalConfig:
     stats: StatsConfig = field(default_factory=StatsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tracking: EvalTrackingConfig = field(default_factory=EvalTrackingConfig)
+    attacks: AttacksConfig = field(default_factory=AttacksConfig)
     tables: list[TableConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -292,7 +326,8 @@ class EvalConfig:
         for i, e in enumerate(self.entries):
             check(e.method in METHODS, f"entries[{i}].method",
                   f"'{e.method}' ({e.label}): expected one of {list(METHODS)}")
-        check(len(self.suites) > 0, "suites", f"name at least one suite, e.g. suites='[i2p]' (of {list(SUITE_NAMES)})")
+        check(len(self.suites) > 0 or len(self.attacks.run) > 0, "suites",
+              f"name at least one suite, e.g. suites='[i2p]' (of {list(SUITE_NAMES)}), or attacks.run")
         for i, s in enumerate(self.suites):
             check(s in SUITE_NAMES, f"suites[{i}]", f"unknown suite '{s}', expected one of {list(SUITE_NAMES)}")
         check(len(set(self.suites)) == len(self.suites), "suites", "a suite is named twice")
