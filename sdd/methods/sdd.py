@@ -12,6 +12,20 @@ latents, ``preserve_weight * || eps_theta(z_t, c_keep, t) - eps_orig(z_t, c_keep
 frozen model before training and c_keep cycles through the prompts to keep (e.g. the other colours when erasing
 red): what the concept shares with them is held in place while the concept itself is sent to the unconditional.
 
+With ``sdd.adversarial.every`` (robust SDD, after AdvUnlearn's bilevel training; not in the papers; off by
+default) an inner attack runs every few optimizer steps: it learns the input embedding v of a new token so that the
+student, prompted with it, predicts what the original model predicts for the concept on the teacher's latents,
+
+    v* = argmin_v || eps_theta(z_t, c(v), t) - eps_orig(z_t, c_p, t) ||^2        (Adam, ``adversarial.steps``)
+
+(the embedding-space analogue of Concept Inversion, which is what breaks plain SDD), and the loss gains
+``adversarial.weight * || eps_theta(z_t, c(v*), t) - sg(eps_theta(z_t, c_rest, t)) ||^2``: conditionings that
+bring the concept back are sent where the concept word's are, c_rest the template without the token ("a {}
+circle" -> "a circle"; "{}" -> the empty prompt, SDD's own target; ``adversarial.target=unconditional`` always
+the empty prompt). c(v) encodes each of ``adversarial.templates`` with the
+token; v* starts from the last one found (or the concept's embedding at the first attack) and is kept in the
+checkpoint.
+
 ``t`` is the grid timestep of the latent the student sees (the official code's k = 0 case, which ran the full
 trajectory and then queried t ~ 990, does not exist here). ``concept_roles='official'`` swaps c_s and c_p as
 the released code does for several concepts (see docs/METHODS.md section 1.4).
@@ -52,6 +66,26 @@ def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], decay:
 
 
 @dataclass
+class AdversarialSettings:
+    every: int = 0  # optimizer steps between inner attacks; 0: off (the papers' SDD)
+    warmup: int = 0  # optimizer steps of plain SDD before the first attack
+    steps: int = 10  # Adam steps of one inner attack on the adversarial embedding
+    lr: float = 1e-2  # of the inner attack
+    weight: float = 1.0  # of the adversarial term in the loss
+    templates: list[str] = field(default_factory=lambda: ["{}"])  # prompts holding the adversarial token ({})
+    # what c(v*) is sent to: the template without the token ("a {} circle" -> "a circle", "{}" -> the empty prompt),
+    # or always the unconditional prediction
+    target: Literal["template", "unconditional"] = "template"
+
+    def __post_init__(self) -> None:
+        check(self.every >= 0 and self.warmup >= 0 and self.steps >= 1, "sdd.adversarial",
+              "every >= 0, warmup >= 0 and steps >= 1")
+        check(self.lr > 0 and self.weight >= 0, "sdd.adversarial", "lr > 0 and weight >= 0")
+        check(len(self.templates) > 0 and all(t.count("{}") == 1 for t in self.templates),
+              "sdd.adversarial.templates", "each template must contain {} once")
+
+
+@dataclass
 class SDDSettings:
     guidance_scale: float = 3.0  # s_g of the teacher's sampling toward c_p
     ddim_steps: int = 50  # K: the DDIM grid the teacher samples on
@@ -65,6 +99,7 @@ class SDDSettings:
     resolution: Optional[int] = None  # image size; default: the model's
     preserve_prompts: list[str] = field(default_factory=list)  # predictions held at the frozen original's
     preserve_weight: float = 1.0  # lambda of the preservation term (used only with preserve_prompts)
+    adversarial: AdversarialSettings = field(default_factory=AdversarialSettings)
 
     def __post_init__(self) -> None:
         check(self.ddim_steps >= 1, "sdd.ddim_steps", f"must be >= 1, got {self.ddim_steps}")
@@ -97,7 +132,8 @@ class SDDMethod:
         self.model.train()
         self.teacher = frozen_copy(self.model, common.share_frozen(cfg.perf))
         # the model as it was, for the preservation term (shares the frozen tensors; costs the trainable ones)
-        self.original = frozen_copy(self.model, common.share_frozen(cfg.perf)) if cfg.sdd.preserve_prompts else None
+        needs_original = bool(cfg.sdd.preserve_prompts) or cfg.sdd.adversarial.every > 0
+        self.original = frozen_copy(self.model, common.share_frozen(cfg.perf)) if needs_original else None
         apply_to_unet(self.model, cfg.perf, training=True)
         for frozen in (self.teacher, self.original):
             if frozen is not None:
@@ -121,6 +157,7 @@ class SDDMethod:
         self.scheduler = common.ddim_grid(self.base, s.ddim_steps)
         self.resolution = s.resolution or self.base.default_resolution
         self.latent_shape = common.latent_shape(self.base, self.resolution)
+        self.adversary = Adversary(self.base, s.adversarial, sampler_texts[0]) if s.adversarial.every else None
 
     def draw(self, micro_step: int, generator: torch.Generator):
         """A micro-step's random draws: initial noise z_T, teacher steps k, concept index per latent."""
@@ -187,6 +224,19 @@ class SDDMethod:
             # tensors, not floats: the loop reads them only when it logs (no device sync every step)
             logs.update({"loss_erase": loss.detach(), "loss_preserve": keep.detach()})
             loss = loss + self.cfg.sdd.preserve_weight * keep
+        if self.adversary is not None:
+            a = self.cfg.sdd.adversarial
+            step = micro_step // self.cfg.train.gradient_accumulation_steps
+            first_micro = micro_step % self.cfg.train.gradient_accumulation_steps == 0
+            if first_micro and step >= a.warmup and (step - a.warmup) % a.every == 0:
+                with timing.region("attack"):
+                    logs["loss_attack"] = self.adversary.attack(self.model, self.original, z_t, t,
+                                                                self.conditioning(idx)[1])
+            if self.adversary.found:
+                c_adv, c_rest = self.adversary.conditioning(z_t.shape[0], micro_step)
+                adv = self.student_loss(model, z_t, t, c_uncond if a.target == "unconditional" else c_rest, c_adv)
+                logs["loss_adversarial"] = adv.detach()
+                loss = loss + a.weight * adv
         return loss, logs
 
     def after_optimizer_step(self) -> None:
@@ -196,12 +246,17 @@ class SDDMethod:
             ema_update_(*self._ema_pairs, self.cfg.sdd.ema_decay)
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        return {f"teacher.{n}": p for n, p in zip(self.trainable_names, self._ema_pairs[0])}
+        state = {f"teacher.{n}": p for n, p in zip(self.trainable_names, self._ema_pairs[0])}
+        if self.adversary is not None and self.adversary.found:
+            state["adversarial.embedding"] = self.adversary.vector.detach()
+        return state
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for n, p in zip(self.trainable_names, self._ema_pairs[0]):
                 p.copy_(state[f"teacher.{n}"])
+            if self.adversary is not None and "adversarial.embedding" in state:
+                self.adversary.load(state["adversarial.embedding"])
 
     def export_unet(self):
         return self.teacher if self.cfg.sdd.export == "teacher" else self.model
@@ -222,3 +277,65 @@ class SDDMethod:
             exported="EMA teacher" if cfg.sdd.export == "teacher" else "student",
         )
         return common.export_unet(output_dir, self.base, self.export_unet(), cfg, card)
+
+
+class Adversary:
+    """The inner attack of robust SDD: one token's input embedding v, learned so that the student prompted with it
+    predicts the original model's prediction for the concept (see the module docstring)."""
+
+    def __init__(self, base, settings: AdversarialSettings, concept_text: str):
+        import copy
+
+        self.base, self.settings = base, settings
+        tokenizer = copy.deepcopy(base.tokenizer)  # the exported model's tokenizer never holds the token
+        tokenizer.add_tokens(["<adversarial>"])
+        self.slot = tokenizer.convert_tokens_to_ids("<adversarial>")
+        prompts = [t.format("<adversarial>") for t in settings.templates]
+        device = next(base.text_encoder.parameters()).device
+        self.ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids.to(device)
+        from sdd.sampling import encode_prompts
+
+        # each template without the token: what its adversarial conditioning is sent to (adversarial.target)
+        self.rest = encode_prompts(base.tokenizer, base.text_encoder,
+                                   [" ".join(t.format("").split()) for t in settings.templates])
+        table = base.text_encoder.get_input_embeddings().weight.detach()
+        words = base.tokenizer(concept_text, add_special_tokens=False).input_ids
+        self.vector = table[words].float().mean(0).clone()  # the first attack starts from the concept's words
+        self.found = False
+
+    def load(self, vector: torch.Tensor) -> None:
+        self.vector = vector.detach().clone().to(self.vector.device)
+        self.found = True
+
+    def encode(self, vector: torch.Tensor) -> torch.Tensor:
+        from sdd.textual_inversion import substituted_embeddings
+
+        with substituted_embeddings(self.base.text_encoder, {self.slot: vector}):
+            return self.base.text_encoder(self.ids)[0]
+
+    def attack(self, student, original, z_t, t, c_concept) -> torch.Tensor:
+        """v <- argmin || eps_student(z_t, c(v)) - eps_orig(z_t, c_concept) ||^2 by Adam; returns the last loss."""
+        s = self.settings
+        with torch.no_grad():
+            target = original(z_t, t, encoder_hidden_states=c_concept).sample
+        v = self.vector.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([v], lr=s.lr)
+        batch = z_t.shape[0]
+        which = torch.arange(batch) % len(self.ids)
+        for _ in range(s.steps):
+            c = self.encode(v)[which]
+            loss = F.mse_loss(student(z_t, t, encoder_hidden_states=c).sample.float(), target.float())
+            (grad,) = torch.autograd.grad(loss, [v])
+            optimizer.zero_grad(set_to_none=True)
+            v.grad = grad
+            optimizer.step()
+        self.vector, self.found = v.detach(), True
+        return loss.detach()
+
+    def conditioning(self, batch: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """c(v*) for the latents of a micro-step, the templates in turn, and their templates without the token."""
+        with torch.no_grad():
+            c = self.encode(self.vector)
+        which = (torch.arange(batch) + micro_step * batch) % len(self.ids)
+        return c[which], self.rest[which]

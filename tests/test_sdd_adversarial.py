@@ -1,0 +1,98 @@
+"""Robust SDD (``sdd.adversarial``): the substituted embedding is exact, the inner attack does what its loss says,
+the adversarial term joins the loss, a resumed run is the same run, and the export holds no adversarial token."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from sdd.config import load_config
+from sdd.loop import step_generator
+from sdd.methods.sdd import SDDConfig, SDDMethod
+from sdd.models import build_tiny_sd
+from sdd.textual_inversion import substituted_embeddings
+
+ADV = ["sdd.adversarial.every=1", "sdd.adversarial.steps=5", "sdd.adversarial.lr=0.05",
+       'sdd.adversarial.templates=["{}", "a photo of {}"]']
+
+
+def test_a_substituted_embedding_encodes_as_a_real_row_would():
+    tiny = build_tiny_sd()
+    tok, enc = tiny.tokenizer, tiny.text_encoder
+    vector = torch.randn(enc.config.hidden_size)
+    ids = tok(["a photo of dog"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    dog = tok("dog", add_special_tokens=False).input_ids[0]
+    with substituted_embeddings(enc, {dog: vector}):
+        swapped = enc(ids)[0]
+    with torch.no_grad():
+        enc.get_input_embeddings().weight[dog] = vector
+    assert torch.allclose(swapped, enc(ids)[0], atol=1e-6)
+    # an id beyond the table (a token of a tokenizer copy only) works the same
+    beyond = enc.get_input_embeddings().weight.shape[0] + 3
+    with substituted_embeddings(enc, {beyond: vector}):
+        far = enc(torch.where(ids == dog, beyond, ids))[0]
+    assert torch.allclose(far, swapped, atol=1e-6)
+
+
+def build(tiny_args, *extra):
+    args = tiny_args(*ADV, *extra)
+    return SDDMethod(load_config(SDDConfig, args[1], args[2:]))
+
+
+def test_the_inner_attack_lowers_its_own_loss_and_the_term_joins_the_loss(tiny_args):
+    method = build(tiny_args, "train.batch_size=2")
+    z_T, k, idx = method.draw(0, step_generator(0, 0, 0))
+    z_t, t, c_uncond, c_s = method.sample_latents(method.model, z_T, k, idx)
+    c_concept = method.conditioning(idx)[1]
+    adversary = method.adversary
+    start = adversary.vector.clone()
+    with torch.no_grad():
+        target = method.original(z_t, t, encoder_hidden_states=c_concept).sample
+
+        def attack_loss(v):
+            c = adversary.encode(v)[torch.arange(2) % 2]
+            return F.mse_loss(method.model(z_t, t, encoder_hidden_states=c).sample, target).item()
+
+        before = attack_loss(start)
+    adversary.attack(method.model, method.original, z_t, t, c_concept)
+    assert not torch.equal(adversary.vector, start) and attack_loss(adversary.vector) < before
+
+    # the loss of a micro-step: SDD's term + the adversarial term on c(v*) (loss_attack logged)
+    loss, logs = method.compute_loss(method.model, 0, step_generator(0, 0, 0))
+    assert {"loss_attack", "loss_adversarial"} <= set(logs)
+    z_t, t, c_uncond, c_s = method.sample_latents(method.model, *method.draw(0, step_generator(0, 0, 0)))
+    with torch.no_grad():
+        erase = method.student_loss(method.model, z_t, t, c_uncond, c_s)
+        c_adv, c_rest = method.adversary.conditioning(2, 0)
+        adv = method.student_loss(method.model, z_t, t, c_rest, c_adv)  # "a photo of {}" -> "a photo of"
+    assert loss.item() == pytest.approx(erase.item() + adv.item(), rel=1e-5)
+
+
+def test_resume_is_the_same_run_and_the_export_has_no_adversarial_token(train_sdd, tiny_args, tmp_path, monkeypatch):
+    args = [*ADV, "train.steps=4", "train.checkpoint_every=2"]
+    train_sdd.main(tiny_args(*args, out=tmp_path / "straight"))
+
+    calls = {"n": 0}
+    original = SDDMethod.after_optimizer_step
+
+    def crash_at_step_3(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(SDDMethod, "after_optimizer_step", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_sdd.main(tiny_args(*args, out=tmp_path / "resumed"))
+    monkeypatch.setattr(SDDMethod, "after_optimizer_step", original)
+    train_sdd.main([*tiny_args(*args, out=tmp_path / "resumed"), "--resume"])
+    final = {run: {**load_file(tmp_path / run / "checkpoints/step-000004/model.safetensors"),
+                   **load_file(tmp_path / run / "checkpoints/step-000004/method_state.safetensors")}
+             for run in ("straight", "resumed")}
+    assert "adversarial.embedding" in final["straight"]
+    assert all(torch.equal(final["straight"][k], final["resumed"][k]) for k in final["straight"])
+
+    from transformers import CLIPTokenizer
+
+    exported = CLIPTokenizer.from_pretrained(tmp_path / "straight" / "pipeline" / "tokenizer")
+    assert len(exported) == len(build_tiny_sd().tokenizer) and "<adversarial>" not in exported.get_vocab()
