@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from sdd import card
 from sdd.config import load_config, merge_overrides
 from sdd.errors import UserError
 from sdd.loop import FitResult, list_checkpoints, load_method_checkpoint
@@ -216,7 +217,13 @@ def benchmark(models: Union[Mapping[str, str], Sequence[str]], concept: str = "r
         rows.append(bench.parse_row(label or spec, _model_path(path) + at + how))
     settings = bench.settings_for(concept, n=n, n_retention=n_retention, num_inference_steps=num_inference_steps,
                                   guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
-    return bench.run(rows, settings, os.fspath(out) if out is not None else None, progress=progress)
+    report = bench.run(rows, settings, os.fspath(out) if out is not None else None, progress=progress)
+    for (_, spec), row in zip(specs, report["rows"]):
+        command = (f"sdd-shapes bench --model {row['label']}={spec} --concept {concept} --n {n} --n-retention "
+                   f"{n_retention} --steps {num_inference_steps} --guidance {guidance_scale} --seed {seed}")
+        card.record(spec.partition("@")[0], f"bench/{concept}/{row['method']}/cfg{guidance_scale:g}/seed{seed}",
+                    card.bench_evaluation(report, row, command))
+    return report
 
 
 def evaluate(config: Any, *overrides: str, progress: bool = True) -> Optional[dict]:
@@ -233,7 +240,30 @@ def evaluate(config: Any, *overrides: str, progress: bool = True) -> Optional[di
         cfg = merge_overrides(config, overrides)
     else:
         cfg = load_config(EvalConfig, os.fspath(config) if config is not None else None, overrides)
-    return run(cfg, progress=progress)
+    report = run(cfg, progress=progress)
+    if report is not None:
+        for entry in cfg.entries:
+            if entry.model is not None:
+                card.record(entry.model, f"eval/{cfg.report.title}/{entry.label}", _eval_evaluation(report, entry,
+                                                                                                   cfg.out))
+    return report
+
+
+def _eval_evaluation(report: dict, entry, out: str) -> dict:
+    """The card record of one entry of an ``sdd-eval`` report: every column of every suite for its row."""
+    metrics, criteria = [], []
+    for name, suite in report["suites"].items():
+        for key, title in suite["columns"].items():
+            summary = suite["results"].get(entry.label, {}).get(key)
+            if summary and summary.get("value") is not None:
+                metrics.append({"type": f"{name}/{key}", "name": f"{name}: {title}", "value": summary["value"],
+                                "ci95": [summary["lo"], summary["hi"]] if summary.get("lo") is not None else None,
+                                "n": summary.get("n")})
+        criteria += [f"{k}: {v}" for k, v in suite["criteria"].items()]
+    return {"title": f"sdd-eval: {report['title']} ({entry.label}, {entry.method})",
+            "dataset": {"name": report["title"], "type": "sdd-eval/" + "+".join(report["suites"])},
+            "metrics": metrics, "criterion": "; ".join(criteria),
+            "command": f"sdd-eval (report {os.path.join(out, 'report.json')})"}
 
 
 def speed(method: str = "sdd", *, preset: str = "tiny", finetunes: Sequence[str] = ("xattn",),
@@ -271,4 +301,7 @@ def attack(model: PathLike, concept: str = "red", attack: str = "concept-inversi
     if out is not None:
         given.append(f"out={os.fspath(out)}")
     cfg = load_config(AttackConfig, None, [*given, *overrides])
-    return run(cfg, progress=(lambda m: print(m, flush=True)) if progress else None)
+    record = run(cfg, progress=(lambda m: print(m, flush=True)) if progress else None)
+    card.record(cfg.model, f"attack/{cfg.attack}/{cfg.method}/{cfg.concept}/seed{cfg.seed}",
+                card.attack_evaluation(record))
+    return record
