@@ -153,3 +153,20 @@ def test_sdd_eval_runs_the_attacks_on_every_entry_into_a_table(tmp_path):
     assert written["method"] == "neg" and written["asr"] == section["results"]["NEG"]["concept-inversion"]["value"]
     [table] = report["tables"]
     assert "not run: relearn is not in attacks.run" in json.dumps(table)
+    [figure] = section["figures"]  # the ASR curves, one line per entry
+    assert figure["key"] == "curves" and (tmp_path / "eval" / figure["path"]).stat().st_size > 0
+
+
+def test_the_curves_figure_has_one_panel_per_attack_and_a_line_per_entry():
+    from sdd.eval.plots import curves
+
+    def cell(*points):
+        return {"curve": [{"budget": b, "asr": a, "ci95": [lo, hi], "n": 8} for b, a, lo, hi in points]}
+
+    section = {"columns": {"relearn": "relearn ASR", "ring-a-bell": "RAB ASR"},
+               "results": {"A": {"relearn": cell((10, 0.25, 0.1, 0.5), (100, 0.5, 0.25, 0.75))},
+                           "B": {"relearn": cell((10, 1.0, 0.7, 1.0))}}}
+    [panel] = curves(section, ["A", "B", "C"])  # no entry has a ring-a-bell curve: no panel
+    assert panel["attack"] == "relearn" and [label for label, _ in panel["lines"]] == ["A", "B"]
+    assert panel["lines"][0][1] == [(10, 25.0, 15.0, 25.0), (100, 50.0, 25.0, 25.0)]
+    assert panel["lines"][1][1] == [(10, 100.0, pytest.approx(30.0), 0.0)]

@@ -464,6 +464,7 @@ def draw_plots(cfg: EvalConfig, suites: dict, labels: list[str]) -> dict[str, st
 
 
 def build_report(plan: Plan, state, timings: dict, counts: dict, attacks: Optional[dict] = None) -> dict:
+    from sdd.eval import plots
     from sdd.eval.report import machine, package_versions
     from sdd.eval.tables import build_table
     from sdd.methods.inference import describe_method
@@ -504,6 +505,11 @@ def build_report(plan: Plan, state, timings: dict, counts: dict, attacks: Option
         suites["attacks"] = attacks
     run_labels = [e.label for e in cfg.entries if e.model is not None]
     if cfg.report.plots:
+        if attacks is not None and (curves := plots.curves(attacks, run_labels)):
+            rel = os.path.join("plots", "attacks.png")
+            plots.draw_curves(curves, f"{cfg.report.title}: attacks", os.path.join(cfg.out, rel), run_labels)
+            attacks["figures"].append({"title": "attacks: ASR over each attack's budget, one line per entry (bars: "
+                                                "95 % interval)", "path": rel, "key": "curves"})
         for name, rel in draw_plots(cfg, suites, run_labels).items():
             suites[name]["figures"].append({"title": f"{name}: erased rate against retention, one point per entry "
                                                      "(bars: 95 % interval; expected max: ± std)", "path": rel,

@@ -112,3 +112,51 @@ def draw(figure_panels: Sequence[dict], title: str, path: str, labels: Sequence[
     fig.suptitle(title, fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+
+
+def curves(section: Mapping[str, dict], labels: Sequence[str]) -> list[dict]:
+    """The panels of the attacks' figure: one per attack, ``{"attack", "title", "lines": [(label, [(budget, asr %,
+    err-, err+), ...])]}``, an entry's line its ASR curve over the attack's budget (95 % Wilson bars)."""
+    out = []
+    for attack, title in section.get("columns", {}).items():
+        lines = []
+        for label in labels:
+            cell = section.get("results", {}).get(label, {}).get(attack)
+            if cell and cell.get("curve"):
+                lines.append((label, [(p["budget"], 100 * p["asr"], 100 * max(0.0, p["asr"] - p["ci95"][0]),
+                                       100 * max(0.0, p["ci95"][1] - p["asr"])) for p in cell["curve"]]))
+        if lines:
+            out.append({"attack": attack, "title": title, "lines": lines})
+    return out
+
+
+def draw_curves(figure_panels: Sequence[dict], title: str, path: str, labels: Sequence[str]) -> None:
+    """Render the ASR curves side by side (budget on a log axis) into a PNG at ``path`` (written atomically)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("report.plots: matplotlib is not installed (pip install -e '.[eval]'), or set "
+                        "report.plots=false") from None
+    from sdd.files import atomic_path
+
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    fig = Figure(figsize=(4.4 * len(figure_panels), 3.9), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(figure_panels), squeeze=False)[0]
+    for ax, panel in zip(axes, figure_panels):
+        for label, points in panel["lines"]:
+            budget, asr, lo, hi = zip(*points)
+            ax.errorbar(budget, asr, yerr=[lo, hi], fmt="-o", color=colours[label], elinewidth=1, capsize=3,
+                        markersize=4, label=label)
+        ax.set_xscale("log")
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("budget", fontsize=8)
+        ax.set_ylabel("ASR (%)", fontsize=8)
+        ax.set_title(panel["title"], fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
