@@ -79,20 +79,9 @@ def panels(name: str, suites: Mapping[str, dict], labels: Sequence[str]) -> list
 
 def draw(figure_panels: Sequence[dict], title: str, path: str, labels: Sequence[str]) -> None:
     """Render the panels side by side into a PNG at ``path`` (written atomically)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("report.plots: matplotlib is not installed (pip install -e '.[eval]'), or set "
-                        "report.plots=false") from None
-    from sdd.files import atomic_path
-
-    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    fig, axes, colours = _figure(len(figure_panels), labels)
     markers = "osD^vP*Xh<>"
     marker = {label: markers[(i // 10) % len(markers)] for i, label in enumerate(labels)}
-    fig = Figure(figsize=(4.4 * len(figure_panels), 3.9), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(figure_panels), squeeze=False)[0]
     for ax, panel in zip(axes, figure_panels):
         for i, (label, (x, xl, xh), y) in enumerate(panel["points"]):
             if y is None:  # no retention number: the erased rate per entry
@@ -109,6 +98,25 @@ def draw(figure_panels: Sequence[dict], title: str, path: str, labels: Sequence[
         ax.set_xlabel(panel["xlabel"] + "  (lower: more erased)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
+    _save(fig, title, path)
+
+
+def _figure(n_panels: int, labels: Sequence[str]):
+    """A figure of ``n_panels`` side by side (matplotlib's Agg canvas), its axes and a colour per label."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("report.plots: matplotlib is not installed (pip install -e '.[eval]'), or set "
+                        "report.plots=false") from None
+    fig = Figure(figsize=(4.4 * n_panels, 3.9), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, n_panels, squeeze=False)[0], {label: f"C{i % 10}" for i, label in enumerate(labels)}
+
+
+def _save(fig, title: str, path: str) -> None:
+    from sdd.files import atomic_path
+
     fig.suptitle(title, fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -132,18 +140,7 @@ def curves(section: Mapping[str, dict], labels: Sequence[str]) -> list[dict]:
 
 def draw_curves(figure_panels: Sequence[dict], title: str, path: str, labels: Sequence[str]) -> None:
     """Render the ASR curves side by side (budget on a log axis) into a PNG at ``path`` (written atomically)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("report.plots: matplotlib is not installed (pip install -e '.[eval]'), or set "
-                        "report.plots=false") from None
-    from sdd.files import atomic_path
-
-    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
-    fig = Figure(figsize=(4.4 * len(figure_panels), 3.9), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(figure_panels), squeeze=False)[0]
+    fig, axes, colours = _figure(len(figure_panels), labels)
     for ax, panel in zip(axes, figure_panels):
         for label, points in panel["lines"]:
             budget, asr, lo, hi = zip(*points)
@@ -157,6 +154,4 @@ def draw_curves(figure_panels: Sequence[dict], title: str, path: str, labels: Se
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle(title, fontsize=9)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    _save(fig, title, path)
