@@ -232,7 +232,9 @@ def test_table_configs_load_and_tiny_versions_match_the_paper_ones():
         assert shape(name)[0].entries[-1].model is None  # HFI+SDD: not given by default
     shapes, _ = shape("table_shapes.yaml")
     assert [e.label for e in shapes.entries] == ["SD", "SD+NEG", "SLD-weak", "SLD-medium", "SLD-strong", "SLD-max",
-                                                  "SEGA", "ESD", "SDD", "HFI+SDD"]
+                                                  "SEGA", "ESD", "SDD", "SDD+keep", "SDD-robust", "HFI+SDD"]
+    assert shapes.attacks.run == ["concept-inversion", "prompt-search", "ring-a-bell", "relearn"]
+    assert [c.metric for c in shapes.tables[0].columns if c.suite == "attacks"] == shapes.attacks.run
 
 
 BAD = [
