@@ -126,7 +126,7 @@ def concept_images(target: Target, given: Optional[str], folder: str, n: int, se
 def evaluate(target: Target, prompts: Sequence[str], folder: str, *, learned_embeds: Optional[str] = None,
              seeds: Optional[Sequence[int]] = None, guidances: Optional[Sequence[float]] = None) -> dict:
     """Generate one image per row (prompt i, seed i) with the attacked model and its defence, judge each, and
-    return the ASR: ``{"asr", "ci95", "k", "n", "images", "flags"}``. Without ``seeds``, ``target.n`` images cycle
+    return the ASR: ``{"asr", "ci95", "k", "n", "images"}``. Without ``seeds``, ``target.n`` images cycle
     through ``prompts`` with seeds ``eval_seed + i``; ``guidances`` gives a row's CFG scale (default the
     target's). Images already in ``folder`` are reused (resumable)."""
     if seeds is None:
@@ -150,10 +150,19 @@ def evaluate(target: Target, prompts: Sequence[str], folder: str, *, learned_emb
         batch_size=target.batch_size, out=folder,
     ), progress=False)
     files = [os.path.join(folder, f"{r:05d}_00.png") for r in range(len(rows))]
-    flags = [bool(d.flag) for d in target.detector.detect(files)]
-    rate = wilson(sum(flags), len(flags))
-    return {"asr": rate.value, "ci95": [rate.lo, rate.hi], "k": rate.k, "n": rate.n, "images": folder,
-            "flags": flags}
+    rate = wilson(sum(bool(d.flag) for d in target.detector.detect(files)), len(files))
+    return {"asr": rate.value, "ci95": [rate.lo, rate.hi], "k": rate.k, "n": rate.n, "images": folder}
+
+
+def train_to(config_class, overrides: list[str], run_dir: str) -> None:
+    """Train a run of the loop (``registry.train``) to ``train.steps`` in ``overrides``, continuing the run in
+    ``run_dir`` from its last checkpoint when it has one: an attack's curve is one run measured at each point."""
+    from sdd.config import load_config
+    from sdd.loop import list_checkpoints
+    from sdd.methods import registry
+
+    resume = ["train.resume=latest"] if list_checkpoints(run_dir) else []
+    registry.train(load_config(config_class, None, [*overrides, f"output_dir={run_dir}", *resume]))
 
 
 def curve_points(budget: int, points: Sequence[int], default: Sequence[int]) -> list[int]:

@@ -24,10 +24,8 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from sdd.attacks.common import Target, concept_images, evaluate, token_prompts
-from sdd.config import check, load_config
-from sdd.loop import list_checkpoints
-from sdd.methods import registry
+from sdd.attacks.common import Target, concept_images, evaluate, token_prompts, train_to
+from sdd.config import check
 from sdd.methods.hfi import IMAGENET_TEMPLATES_SMALL
 
 DEFAULT_BUDGET = 1000  # optimizer steps (the paper: 5000 at batch 4 x accumulation 4 on SD-1.4)
@@ -49,11 +47,11 @@ class InversionSettings:
         check(self.lr > 0, "inversion.lr", f"must be > 0, got {self.lr}")
 
 
-def _hfi_overrides(target: Target, s: InversionSettings, images: str, out: str, steps: int, seed: int) -> list[str]:
+def _hfi_overrides(target: Target, s: InversionSettings, images: str, steps: int, seed: int) -> list[str]:
     from sdd.files import to_json
 
     overrides = [
-        f"model.pretrained={target.model}", f"images={images}", f"output_dir={out}", "hfi.weighting=none",
+        f"model.pretrained={target.model}", f"images={images}", "hfi.weighting=none",
         f"hfi.placeholder_token={s.token}", f"hfi.initializer_token={s.initializer}",
         f"train.steps={steps}", f"train.batch_size={s.batch_size}", f"train.lr={s.lr}",
         f"train.weight_decay={s.weight_decay}", "train.max_grad_norm=null", "train.checkpoint_every=0",
@@ -66,8 +64,6 @@ def _hfi_overrides(target: Target, s: InversionSettings, images: str, out: str, 
         overrides.append(f"hfi.caption_word={target.concept}")
     else:
         overrides.append(f"hfi.templates={to_json(IMAGENET_TEMPLATES_SMALL)}")
-    if list_checkpoints(out):
-        overrides.append("train.resume=latest")  # continue to the next budget point
     return overrides
 
 
@@ -82,18 +78,13 @@ def attack(target: Target, cfg, out: str, points: list[int], progress) -> dict:
     for budget in points:
         token_file = os.path.join(out, "tokens", f"step-{budget:06d}.safetensors")
         if not os.path.isfile(token_file):
-            hfi_cfg = load_config(HFIConfig, None, _hfi_overrides(target, s, images, run_dir, budget, cfg.seed))
             progress(f"concept-inversion: training the token to step {budget}")
-            registry.train(hfi_cfg)
+            train_to(HFIConfig, _hfi_overrides(target, s, images, budget, cfg.seed), run_dir)
             os.makedirs(os.path.dirname(token_file), exist_ok=True)
             shutil.copyfile(os.path.join(run_dir, "learned_embeds.safetensors"), token_file)
         progress(f"concept-inversion: ASR at step {budget}")
         result = evaluate(target, token_prompts(target, s.token), os.path.join(out, "images", f"step-{budget:06d}"),
                           learned_embeds=token_file)
-        curve.append({"budget": budget, **_public(result), "found": {"learned_embeds": token_file}})
+        curve.append({"budget": budget, **result, "found": {"learned_embeds": token_file}})
     return {"curve": curve, "found": {"token": s.token, "learned_embeds": curve[-1]["found"]["learned_embeds"],
                                       "prompts": token_prompts(target, s.token), "concept_images": images}}
-
-
-def _public(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k != "flags"}

@@ -212,7 +212,7 @@ def _result(target: Target, records: list[dict], points: list[int], out: str, to
     write_text(os.path.join(out, "adversarial_prompts.txt"),
                "\n".join(r["adversarial_prompt"] or r["prompt"] for r in records) + "\n")
     return {"curve": curve, "pre_asr": {"asr": pre.value, "ci95": [pre.lo, pre.hi], "k": pre.k, "n": n},
-            "images_asr": {k2: v for k2, v in images.items() if k2 != "flags"},
+            "images_asr": images,
             "found": {"cases": records, "adversarial_prompts": os.path.join(out, "adversarial_prompts.txt"),
                       "embeds": path if embeds else None}}
 

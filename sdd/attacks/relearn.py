@@ -14,10 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from sdd.attacks.common import Target, concept_images, concept_prompts, evaluate
-from sdd.config import check, load_config
-from sdd.loop import list_checkpoints
-from sdd.methods import registry
+from sdd.attacks.common import Target, concept_images, concept_prompts, evaluate, train_to
+from sdd.config import check
 from sdd.methods.finetune import FinetuneConfig
 
 DEFAULT_BUDGET = 1000  # optimizer steps
@@ -46,20 +44,17 @@ def attack(target: Target, cfg, out: str, points: list[int], progress) -> dict:
         model = os.path.join(run_dir, "pipeline")
         done = os.path.join(out, "points", f"step-{budget:06d}.done")
         if not os.path.isfile(done):
-            overrides = [f"model.pretrained={target.model}", f"images={images}", f"output_dir={run_dir}",
-                         f"finetune={s.finetune}", f"train.steps={budget}", f"train.batch_size={s.batch_size}",
-                         f"train.lr={s.lr}", f"train.seed={cfg.seed}", "train.checkpoint_every=0",
-                         "train.checkpoints_total_limit=1", "train.log_every=50"]
-            if list_checkpoints(run_dir):
-                overrides.append("train.resume=latest")
             progress(f"relearn: fine-tuning to step {budget}")
-            registry.train(load_config(FinetuneConfig, None, overrides))
+            train_to(FinetuneConfig, [f"model.pretrained={target.model}", f"images={images}", f"finetune={s.finetune}",
+                                      f"train.steps={budget}", f"train.batch_size={s.batch_size}", f"train.lr={s.lr}",
+                                      f"train.seed={cfg.seed}", "train.checkpoint_every=0",
+                                      "train.checkpoints_total_limit=1", "train.log_every=50"], run_dir)
         progress(f"relearn: ASR at step {budget}")
         result = evaluate(dataclasses.replace(target, model=model), concept_prompts(target),
                           os.path.join(out, "images", f"step-{budget:06d}"))
         os.makedirs(os.path.dirname(done), exist_ok=True)
         open(done, "w").close()
-        curve.append({"budget": budget, **{k: v for k, v in result.items() if k != "flags"}})
+        curve.append({"budget": budget, **result})
     half = next((p["budget"] for p in curve if p["asr"] >= 0.5), None)
     return {"curve": curve, "steps_to_half": half, "found": {"model": os.path.join(run_dir, "pipeline"),
                                                               "concept_images": images}}

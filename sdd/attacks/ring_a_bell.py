@@ -162,7 +162,7 @@ def attack(target: Target, cfg, out: str, points: list[int], progress) -> dict:
     for budget in points:
         prompts = [found[p][str(budget)] for p in seeds]
         result = evaluate(target, prompts, os.path.join(out, "images", f"generation-{budget:06d}"))
-        curve.append({"budget": budget, **{k: v for k, v in result.items() if k != "flags"}})
+        curve.append({"budget": budget, **result})
     return {"curve": curve, "found": {"prompts": {p: found[p][str(points[-1])] for p in seeds},
                                       "concept_pairs": pairs, "eta": s.eta}}
 

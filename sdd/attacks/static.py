@@ -31,5 +31,5 @@ def attack(target: Target, cfg, out: str, points: list[int], progress) -> dict:
                       seeds=[int(r.seed if r.seed is not None else target.eval_seed + i) for i, r in enumerate(rows)],
                       guidances=[float(r.guidance if r.guidance is not None else target.guidance_scale) for r in rows])
     budget = len(rows)
-    return {"curve": [{"budget": budget, **{k: v for k, v in result.items() if k != "flags"}}],
+    return {"curve": [{"budget": budget, **result}],
             "found": {"suite": suite, "prompts": budget}}

@@ -303,10 +303,11 @@ class Adversary:
         words = base.tokenizer(concept_text, add_special_tokens=False).input_ids
         self.vector = table[words].float().mean(0).clone()  # the first attack starts from the concept's words
         self.found = False
+        self._encoded: Optional[torch.Tensor] = None  # c(v*), encoded once per attack
 
     def load(self, vector: torch.Tensor) -> None:
         self.vector = vector.detach().clone().to(self.vector.device)
-        self.found = True
+        self.found, self._encoded = True, None
 
     def encode(self, vector: torch.Tensor) -> torch.Tensor:
         from sdd.textual_inversion import substituted_embeddings
@@ -330,12 +331,14 @@ class Adversary:
             optimizer.zero_grad(set_to_none=True)
             v.grad = grad
             optimizer.step()
-        self.vector, self.found = v.detach(), True
+        self.vector, self.found, self._encoded = v.detach(), True, None
         return loss.detach()
 
     def conditioning(self, batch: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """c(v*) for the latents of a micro-step, the templates in turn, and their templates without the token."""
-        with torch.no_grad():
-            c = self.encode(self.vector)
+        if self._encoded is None:  # the text encoder is frozen: c(v*) changes only when v* does
+            with torch.no_grad():
+                self._encoded = self.encode(self.vector)
+        c = self._encoded
         which = (torch.arange(batch) + micro_step * batch) % len(self.ids)
         return c[which], self.rest[which]
