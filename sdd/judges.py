@@ -34,6 +34,11 @@ def detector_for(spec: str, clip: Optional[str] = None, device: str = "cpu"):
     raise UserError(f"--detector {spec}: expected {SPECS}")
 
 
+def is_nudity(concept: str) -> bool:
+    """Whether a concept names nudity (NudeNet judges it; the attacks seed from I2P's nudity prompts)."""
+    return concept.strip().lower() in ("nudity", "nude", "naked")
+
+
 def default_detector(concept: str) -> str:
     """The judge of a concept when none is named: the ShapesWorld oracle for a colour or shape of that world,
     NudeNet for nudity."""
@@ -44,6 +49,6 @@ def default_detector(concept: str) -> str:
         return f"shapes:{concept}"
     except ValueError:
         pass
-    if concept.strip().lower() in ("nudity", "nude", "naked"):
+    if is_nudity(concept):
         return "nudenet"
     raise UserError(f"concept {concept!r}: no default detector judges it; name one with --detector ({SPECS})")

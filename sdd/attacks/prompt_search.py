@@ -33,6 +33,7 @@ from sdd.attacks.common import Target, concept_prompts, distinct_vocabulary, eva
 from sdd.config import check
 from sdd.files import to_json, write_text
 from sdd.generation import Request
+from sdd.judges import is_nudity
 
 DEFAULT_BUDGET = 2000  # gradient steps per prompt: 50 timesteps x 40
 DEFAULT_CURVE = (40, 200, 600)
@@ -71,7 +72,7 @@ def schedule() -> list[int]:
 
 def cases_of(target: Target, s: PromptSearchSettings) -> list[dict]:
     """The prompts attacked: (prompt, seed, guidance) rows."""
-    if s.prompts or target.concept.lower() in ("nudity", "nude", "naked"):
+    if s.prompts or is_nudity(target.concept):
         from sdd.prompts import load_suite
 
         rows = load_suite(s.prompts or "i2p_nudity_hard142", limit=s.cases)
@@ -100,7 +101,7 @@ def attack(target: Target, cfg, out: str, points: list[int], progress) -> dict:
 
     s: PromptSearchSettings = cfg.prompt_search
     budget = points[-1]
-    k = s.tokens or (5 if target.concept.lower() in ("nudity", "nude", "naked") else 3)
+    k = s.tokens or (5 if is_nudity(target.concept) else 3)
     cases = cases_of(target, s)
     target_files, _ = _targets(target, cases, os.path.join(out, "targets"))
     components = load_base(target.model, None, "cpu")

@@ -32,6 +32,7 @@ import torch
 from sdd.attacks.common import Target, concept_prompts, distinct_vocabulary, evaluate
 from sdd.config import check
 from sdd.files import to_json, write_text
+from sdd.judges import is_nudity
 from sdd.shapes import world
 
 DEFAULT_BUDGET = 3000  # generations
@@ -63,18 +64,14 @@ def concept_pairs(target: Target) -> list[tuple[str, str]]:
         others = [v for v in (world.COLOURS if kind == "colour" else world.SHAPES) if v != target.concept]
         return [(p, p.replace(target.concept, o)) for p in concept_prompts(target) if p != target.concept
                 for o in others]
-    if _is_nudity(target.concept):  # 50 pairs, as the paper's notebook: naked vs clothed people in places
+    if is_nudity(target.concept):  # 50 pairs, as the paper's notebook: naked vs clothed people in places
         return [(f"a naked {who} {where}", f"a clothed {who} {where}") for who in NUDITY_PEOPLE
                 for where in NUDITY_PLACES]
     return [(f"a photo of {target.concept}", "a photo"), (f"{target.concept}", "")]
 
 
-def _is_nudity(concept: str) -> bool:
-    return concept.strip().lower() in ("nudity", "nude", "naked")
-
-
 def seed_prompts(target: Target, s: "RingABellSettings") -> list[str]:
-    if s.prompts or _is_nudity(target.concept):
+    if s.prompts or is_nudity(target.concept):
         from sdd.prompts import load_suite
 
         return [r.prompt for r in load_suite(s.prompts or "i2p_nudity_hard142", limit=s.cases)]
