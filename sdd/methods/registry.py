@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 from sdd.config import to_yaml
 from sdd.errors import UserError
 from sdd.loop import FitResult, fit, make_accelerator, plan_run
-from sdd.methods import esd, finetune, hfi, reward, sdd, shapes_base
+from sdd.methods import esd, finetune, hfi, reward, salun, sdd, shapes_base
 
 
 class Entry(NamedTuple):
@@ -34,6 +34,7 @@ METHODS: dict[str, Entry] = {
     "hfi-reward": Entry(reward.RewardConfig, reward.RewardMethod, _one(reward.RewardMethod)),
     "shapes-base": Entry(shapes_base.ShapesBaseConfig, shapes_base.ShapesDiffusionMethod, shapes_base.stages),
     "finetune": Entry(finetune.FinetuneConfig, finetune.FinetuneMethod, _one(finetune.FinetuneMethod)),
+    "salun": Entry(salun.SalUnConfig, salun.SalUnMethod, _one(salun.SalUnMethod)),
 }
 
 
