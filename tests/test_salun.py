@@ -19,9 +19,9 @@ from sdd.methods.salun import (
     SalUnMethod,
     cfg_prediction,
     forget_loss,
-    salun_loss,
     saliency_loss,
     saliency_mask,
+    salun_loss,
 )
 
 TINY = str(ROOT / "configs/salun/tiny.yaml")

@@ -1,12 +1,13 @@
 """SalUn: saliency unlearning (Fan et al., ICLR 2024), the diffusion variant, on the same loop as SDD.
 
     once, before the first step (theta = the original model):
-        g       = sum over forget batches of  grad_theta  -|| eps - ((1+w) eps_theta(x_t^f, c_f) - w eps_theta(x_t^f)) ||^2
-        m       = 1 on the floor(fraction * N) largest |g| over all N trainable elements together, else 0
+        g = sum over forget batches of grad_theta -|| eps - ((1+w) eps_theta(x_t^f, c_f) - w eps_theta(x_t^f)) ||^2
+        m = 1 on the floor(fraction * N) largest |g| over all N trainable elements together, else 0
     repeat:  (x^f, c_f, c_p) ~ forget set (c_p: the pseudo prompt of c_f);  (x^r, c_r) ~ retain set
              x_t^f = noised x^f;  x_t^r = noised x^r (its own t and noise)
-             loss  = || eps_theta(x_t^f, c_f) - sg[eps_theta(x_t^f, c_p)] ||^2  +  alpha * || eps - eps_theta(x_t^r, c_r) ||^2
-             grad  <- m * grad                                     (non-salient elements never move)
+             loss = || eps_theta(x_t^f, c_f) - sg[eps_theta(x_t^f, c_p)] ||^2
+                    + alpha * || eps - eps_theta(x_t^r, c_r) ||^2
+             grad <- m * grad                                     (non-salient elements never move)
     export theta
 
 The forget and retain sets are image folders (``metadata.jsonl``: file_name, prompt, seed), or, when a folder is not
