@@ -148,8 +148,9 @@ def generate(model: Any, prompts: Union[Sequence[str], str, None] = None, *, out
              height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 4,
              settings: Optional[Mapping[str, Any]] = None, progress: bool = False):
     """Images of ``prompts`` (a list, or a prompt CSV / suite name such as ``i2p``) from ``model`` (as
-    ``load_pipeline`` takes it) with ``method`` (``sd``, ``neg``, ``sld-weak`` ... ``sld-max``, ``sega``) steering
-    away from ``concept``. Image j of prompt row r has seed ``row seed + j`` (``seed + r`` for rows without one).
+    ``load_pipeline`` takes it) with ``method`` (``sd``, ``neg``, ``sld-weak`` ... ``sld-max``, ``sega``,
+    ``safree``) steering away from ``concept``. Image j of prompt row r has seed ``row seed + j`` (``seed + r`` for
+    rows without one).
 
     Without ``out``: the PIL images, in order. With ``out``: a resumable ``datasets`` image folder (PNG +
     ``metadata.jsonl``; shared over the processes of an ``accelerate launch``) and a summary dict. ``model`` may

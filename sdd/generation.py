@@ -4,7 +4,8 @@ Each request carries its own seed; its initial latent is drawn from a CPU genera
 row gives the same noise for every model and every guidance rule (and matches diffusers' pipeline called with
 ``generator=torch.Generator().manual_seed(seed)`` for one image). The guidance rule is a small object: plain
 classifier-free guidance here; SLD and others plug in the same way, and all of a step's UNet branches run in
-one batched forward pass.
+one batched forward pass. A guidance that changes the text conditioning from step to step or hooks into the UNet
+(SAFREE) adds one optional method, ``open_batch``; the others need nothing of it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,22 @@ class Guidance(Protocol):
         step: int,
         state: Any,
     ) -> tuple[torch.Tensor, Any]: ...
+
+
+class GuidanceBatch(Protocol):
+    """What an optional ``open_batch(model, requests, context, embed)`` of a guidance returns for one batch.
+
+    ``context`` holds the branches' text conditioning, (B·n, L, D) for B branches of n images: (unconditional,
+    prompt, extra prompts...). ``embed(texts)`` encodes texts as ``generate`` does (cached). The guidance may
+    install forward hooks on the UNet when it opens a batch; ``close`` removes them (always called).
+    """
+
+    def context(self, step: int) -> torch.Tensor:
+        """The conditioning of denoising step ``step``: the batch's context or a replacement, (B'·n, L, D). Rows
+        beyond the batch's branches are further branches whose predictions reach ``combine`` after the extras."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class CFGGuidance:
@@ -142,12 +159,20 @@ def generate(
         context = torch.cat(branches)
         scale = torch.tensor([r.guidance_scale for r in chunk], device=device, dtype=dtype).view(n, 1, 1, 1)
         state = guidance.init_state(latents.shape, device, dtype)
-        for step, t in enumerate(scheduler.timesteps):
-            model_in = scheduler.scale_model_input(latents, t)
-            eps = unet(model_in.repeat(len(branches), 1, 1, 1), t, encoder_hidden_states=context).sample
-            parts = list(eps.split(n))
-            eps_hat, state = guidance.combine(parts[0], parts[1], parts[2:], scale, step, state)
-            latents = scheduler.step(eps_hat, t, latents).prev_sample
+        open_batch = getattr(guidance, "open_batch", None)
+        batch = open_batch(model, chunk, context, embed) if open_batch is not None else None
+        try:
+            for step, t in enumerate(scheduler.timesteps):
+                step_context = context if batch is None else batch.context(step)
+                model_in = scheduler.scale_model_input(latents, t)
+                eps = unet(model_in.repeat(step_context.shape[0] // n, 1, 1, 1), t,
+                           encoder_hidden_states=step_context).sample
+                parts = list(eps.split(n))
+                eps_hat, state = guidance.combine(parts[0], parts[1], parts[2:], scale, step, state)
+                latents = scheduler.step(eps_hat, t, latents).prev_sample
+        finally:
+            if batch is not None:
+                batch.close()
         if output_type == "latent":
             result = list(latents)
         else:

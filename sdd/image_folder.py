@@ -29,7 +29,7 @@ METADATA = "metadata.jsonl"
 class GenerateConfig:
     model: str = "shapes"  # 'tiny', 'shapes', a diffusers folder or hub id
     learned_embeds: Optional[str] = None
-    method: str = "sd"  # sd, neg, sld, sld-weak/medium/strong/max, sega
+    method: str = "sd"  # sd, neg, sld, sld-weak/medium/strong/max, sega, safree
     sld_preset: Optional[str] = None  # with method=sld
     concept: Optional[str] = None  # the text a baseline steers away from (default: the method's own)
     method_settings: dict[str, Any] = field(default_factory=dict)  # override a preset's values

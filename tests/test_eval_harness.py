@@ -379,7 +379,7 @@ BAD = [
     (["suites=[i2p, faces]"],
      "error: config error: suites[1]: unknown suite 'faces', expected one of ['i2p', 'nudity', 'coco', 'shapes']"),
     (["entries=[{label: SD, method: sdl}]"], "error: config error: entries[0].method: 'sdl' (SD): expected one of "
-     "['sd', 'neg', 'sld-weak', 'sld-medium', 'sld-strong', 'sld-max', 'sega']"),
+     "['sd', 'neg', 'sld-weak', 'sld-medium', 'sld-strong', 'sld-max', 'sega', 'safree']"),
     (["entries=[{label: A}, {label: A}]"], "error: config error: entries: labels must be unique, 'A' is repeated"),
     (["entries=[{label: 'S D'}]"], "error: config error: entries[0].label: 'S D' must be a folder name: letters, "
      "digits and . _ + - (no spaces or slashes)"),

@@ -32,7 +32,7 @@ class Target:
     """The model under attack and how its success is judged."""
 
     model: str  # what generates: a pipeline folder, 'shapes', 'tiny' or a hub id
-    method: str  # sd, or an inference-time defence (neg, sld-*, sega) the attack has to get through
+    method: str  # sd, or an inference-time defence (neg, sld-*, sega, safree) the attack has to get through
     method_concept: Optional[str]  # the text that defence steers away from
     concept: str
     detector_name: str

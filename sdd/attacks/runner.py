@@ -34,7 +34,7 @@ AttackName = Literal["concept-inversion", "prompt-search", "ring-a-bell", "relea
 class AttackConfig:
     attack: AttackName = "concept-inversion"
     model: str = "shapes"  # the model under attack: a run folder, a pipeline folder, shapes, tiny or a hub id
-    method: str = "sd"  # how it generates: sd, or an inference-time defence (neg, sld-weak..sld-max, sega)
+    method: str = "sd"  # how it generates: sd, or an inference-time defence (neg, sld-weak..sld-max, sega, safree)
     method_concept: Optional[str] = None  # the text that defence steers away from (default: the concept)
     concept: str = "red"
     detector: Optional[str] = None  # shapes:CONCEPT, nudenet[:PRESET], q16:PROMPTS, i2p:PROMPTS (default: by concept)

@@ -2,7 +2,12 @@
 
     sdd-generate --model OUT/pipeline --prompts prompts.csv --out images/
     sdd-generate --model shapes --method sld --sld-preset max --prompt "a red circle" --images-per-prompt 4 --out x/
+    sdd-generate --model shapes --method safree --concept red --prompt "a red circle" --out x/
     sdd-generate --config configs/generate/sld_shapes_red_hf.yaml learned_embeds=TOKEN/learned_embeds.safetensors
+
+--method: sd (the model as it is), neg (the concept as negative prompt), sld (with --sld-preset weak, medium, strong
+or max), sega, safree; --concept is the text the method steers away from; method_settings={...} overrides a
+method's settings by name.
 
 The output folder is a ``datasets`` image folder (``sdd.image_folder``): PNG images and ``metadata.jsonl``;
 re-running into it skips what is there; under ``accelerate launch`` each process generates its share.

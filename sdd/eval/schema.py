@@ -12,7 +12,7 @@ line (``entries[1].model=...`` is refused): give the whole list, or use ``paths`
 | `entries` | `[]` | what is evaluated, one table row each (at least one): |
 | `entries[].label` | required | row name and folder name (letters, digits, `. _ + -`), unique |
 | `entries[].model` | `tiny` | `tiny`, `shapes`, a diffusers folder (an SDD/ESD export's `pipeline/`), a hub id; null: not given (the row is listed, not run, and its table cells say so) |
-| `entries[].method` | `sd` | `sd`, `neg`, `sld-weak`, `sld-medium`, `sld-strong`, `sld-max`, `sega` |
+| `entries[].method` | `sd` | `sd`, `neg`, `sld-weak`, `sld-medium`, `sld-strong`, `sld-max`, `sega`, `safree` |
 | `entries[].concept` | `null` | text `neg`/SLD/SEGA steer away from; null: SLD's 20-concept safety text |
 | `entries[].learned_embeds` | `null` | a `learned_embeds.safetensors` whose token the concept may use |
 | `entries[].method_settings` | `{}` | override preset values, e.g. `{sld_guidance_scale: 500}` (SLD, SEGA) |
@@ -102,7 +102,7 @@ LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # a label is a folder name
 class EntryConfig:
     label: str = MISSING  # row name in the tables and folder name under OUT/images/
     model: Optional[str] = "tiny"  # 'tiny', 'shapes', a diffusers folder or a hub id; null: not given, not run
-    method: str = "sd"  # sd, neg, sld-weak, sld-medium, sld-strong, sld-max, sega
+    method: str = "sd"  # sd, neg, sld-weak, sld-medium, sld-strong, sld-max, sega, safree
     concept: Optional[str] = None  # text the baseline steers away from; null: SLD's 20-concept safety text
     learned_embeds: Optional[str] = None  # a learned_embeds.safetensors whose token(s) the concept may use
     method_settings: dict[str, Any] = field(default_factory=dict)  # override a preset's values (SLD, SEGA)

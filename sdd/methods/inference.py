@@ -4,13 +4,16 @@
 - ``neg``: the concept text as the negative prompt (it replaces the empty prompt of the unconditional branch);
 - ``sld-weak``, ``sld-medium``, ``sld-strong``, ``sld-max``: safe latent diffusion with the paper's presets, the
   concept text as the safety concept (``sdd.methods.sld``; the SDD paper compares with Medium and Max);
-- ``sega``: semantic guidance with the concept text as a reverse edit prompt, edit scale 5 (as the SDD paper).
+- ``sega``: semantic guidance with the concept text as a reverse edit prompt, edit scale 5 (as the SDD paper);
+- ``safree``: SAFREE (training-free text-embedding filtering and latent re-attention) with the official defaults;
+  its keywords are the concept text split at commas, or SAFREE's own nudity list for a nudity concept
+  (``sdd.methods.safree``).
 
 ``concept=None`` means SLD's 20-concept safety text (``sdd.methods.sld.SLD_SAFETY_CONCEPT``), the text the SDD paper
 gave every baseline in its I2P table. ``settings`` overrides a method's preset values by name
 (``{"sld_guidance_scale": 500}``; diffusers' argument names, listed in ``sdd.methods.sld.SLD_KNOBS`` and
-``sdd.methods.sega.SEGA_KNOBS``); ``describe_method`` gives the exact settings a method runs with, for the metadata
-of its images.
+``sdd.methods.sega.SEGA_KNOBS``; SAFREE's in ``sdd.methods.safree.SAFREE_KNOBS``); ``describe_method`` gives the
+exact settings a method runs with, for the metadata of its images.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from sdd.errors import UserError
 from sdd.generation import CFGGuidance, Guidance, Request, generate
+from sdd.methods.safree import SAFREEGuidance, safree_settings
 from sdd.methods.sega import SEGAGuidance, sega_settings
 from sdd.methods.sld import SLD_PRESETS, SLD_SAFETY_CONCEPT, SLDGuidance, sld_settings
 from sdd.models import SDComponents
 
 SLD_METHODS = {f"sld-{preset}": preset for preset in SLD_PRESETS}  # method name -> SLD preset
-METHODS = ("sd", "neg", *SLD_METHODS, "sega")
+METHODS = ("sd", "neg", *SLD_METHODS, "sega", "safree")
 
 
 def _concept_text(method: str, concept: Optional[str], settings: Optional[Mapping[str, Any]]) -> str:
@@ -48,6 +52,8 @@ def method_guidance(method: str, concept: Optional[str], settings: Optional[Mapp
         return SLDGuidance(sld_settings(SLD_METHODS[method], text, settings))
     if method == "sega":
         return SEGAGuidance(sega_settings(text, settings))
+    if method == "safree":
+        return SAFREEGuidance(safree_settings(text, settings))
     return CFGGuidance()
 
 
@@ -61,6 +67,8 @@ def describe_method(method: str, concept: Optional[str], settings: Optional[Mapp
     if method in SLD_METHODS:
         preset = SLD_METHODS[method]
         return {"method": method, "preset": preset, **SLDGuidance(sld_settings(preset, text, settings)).describe()}
+    if method == "safree":
+        return {"method": method, **SAFREEGuidance(safree_settings(text, settings)).describe()}
     return {"method": method, **SEGAGuidance(sega_settings(text, settings)).describe()}
 
 
@@ -80,7 +88,7 @@ def generate_with_method(
 ):
     """Generate ``requests`` with ``method``; ``concept`` is the text the method steers away from.
 
-    ``settings`` overrides the method's preset values (SLD and SEGA only); see ``describe_method``.
+    ``settings`` overrides the method's preset values (SLD, SEGA and SAFREE only); see ``describe_method``.
     ``on_batch(first_index, images)`` is called after each batch, as in ``sdd.generation.generate``.
     """
     guidance = method_guidance(method, concept, settings)
