@@ -219,20 +219,24 @@ def test_table_configs_load_and_tiny_versions_match_the_paper_ones():
     assert sld.i2p.images_per_prompt == 10 and sld.i2p.expected_max_prompts == 25
     assert sld.i2p.expected_max_bootstrap == 10000 and sld.generation.num_inference_steps == 50
     assert sld.tables[0].categories[-1] == "overall" and len(sld.tables[0].categories) == 8
-    rows = ["SD", "SD+NEG", "SLD-medium", "SLD-max", "SEGA", "ESD-u", "ESD-x", "SDD", "HFI+SDD"]
-    given = ["paths.sdd=a/b/sdd", "paths.esd_u=a/b/u", "paths.esd_x=a/b/x", "paths.hfi_sdd=a/b/h"]
+    rows = ["SD", "SD+NEG", "SLD-medium", "SLD-max", "SEGA", "SAFREE", "ESD-u", "ESD-x", "SDD", "UCE", "RECE", "SalUn",
+            "HFI+SDD"]
+    given = ["paths.sdd=a/b/sdd", "paths.esd_u=a/b/u", "paths.esd_x=a/b/x", "paths.uce=a/b/uce", "paths.rece=a/b/rece",
+             "paths.salun=a/b/salun", "paths.hfi_sdd=a/b/h"]
     for name, concept, columns in [("table_sdd_nudity_sd14.yaml", "nudity", ["nude", "fid", "lpips", "clip_score"]),
                                    ("table_sdd_i2p_sd14.yaml", None,
                                     ["nude", "inappropriate", "fid", "lpips", "clip_score"])]:
         cfg, _ = shape(name, *given)
         assert [e.label for e in cfg.entries] == rows
-        assert [e.model for e in cfg.entries][-4:] == ["a/b/u", "a/b/x", "a/b/sdd", "a/b/h"]  # "for given checkpoints"
+        assert [e.model for e in cfg.entries][-7:] == ["a/b/u", "a/b/x", "a/b/sdd", "a/b/uce", "a/b/rece", "a/b/salun",
+                                                       "a/b/h"]  # "for given checkpoints"
         assert {e.concept for e in cfg.entries if e.method != "sd"} == {concept}
         assert [c.metric for c in cfg.tables[0].columns] == columns
         assert shape(name)[0].entries[-1].model is None  # HFI+SDD: not given by default
     shapes, _ = shape("table_shapes.yaml")
     assert [e.label for e in shapes.entries] == ["SD", "SD+NEG", "SLD-weak", "SLD-medium", "SLD-strong", "SLD-max",
-                                                  "SEGA", "ESD", "SDD", "SDD+keep", "SDD-robust", "HFI+SDD"]
+                                                  "SEGA", "SAFREE", "ESD", "SDD", "SDD+keep", "SDD-robust", "UCE",
+                                                  "RECE", "SalUn", "HFI+SDD"]
     assert shapes.attacks.run == ["concept-inversion", "prompt-search", "ring-a-bell", "relearn"]
     assert [c.metric for c in shapes.tables[0].columns if c.suite == "attacks"] == shapes.attacks.run
 
@@ -313,7 +317,10 @@ def sld_args(out, *extra):
 
 
 def paths_args(exports, *names):
-    return [f"paths.{n}={exports[n]}" for n in names]
+    """paths.NAME=export for each name; the closed-form and SalUn rows stand in with the SDD and ESD exports (their
+    own exports are tested in tests/test_uce.py and tests/test_salun.py)."""
+    stand_in = {"uce": "sdd", "rece": "esd_x", "salun": "sdd"}
+    return [f"paths.{n}={exports[stand_in.get(n, n)]}" for n in names]
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +333,8 @@ def sld_run(tmp_path_factory):
 def nudity_run(tmp_path_factory, exports, reference_dir):
     """The NSFW table with every checkpoint given (HFI+SDD too) and reference images for FID."""
     out = tmp_path_factory.mktemp("nudity") / "out"
-    args = ["--config", NUDITY_TINY, f"out={out}", *SMALL, *paths_args(exports, "sdd", "esd_u", "esd_x", "hfi_sdd"),
+    args = ["--config", NUDITY_TINY, f"out={out}", *SMALL,
+            *paths_args(exports, "sdd", "esd_u", "esd_x", "uce", "rece", "salun", "hfi_sdd"),
             "nudity.limit=2", "nudity.images_per_prompt=1", "coco.limit=3", f"coco.reference_dir={reference_dir}",
             "metrics.batch_size=8"]
     return out, _run(args), args
@@ -396,7 +404,8 @@ def test_sld_cell_equals_a_run_of_that_entry_alone(sld_run, tmp_path):
 def test_nudity_table_every_cell_filled_with_given_checkpoints(nudity_run, exports):
     out, report, _ = nudity_run
     table = cells(report, "sdd_nudity")
-    assert table["rows"] == ["SD", "SD+NEG", "SLD-medium", "SLD-max", "SEGA", "ESD-u", "ESD-x", "SDD", "HFI+SDD"]
+    assert table["rows"] == ["SD", "SD+NEG", "SLD-medium", "SLD-max", "SEGA", "SAFREE", "ESD-u", "ESD-x", "SDD", "UCE",
+                             "RECE", "SalUn", "HFI+SDD"]
     assert [c["header"] for c in table["columns"]] == ["% nude", "FID", "LPIPS", "CLIP"]
     assert {e["label"]: e["model"] for e in report["entries"]}["HFI+SDD"] == exports["hfi_sdd"]
     for label in table["rows"]:
@@ -423,7 +432,8 @@ def test_nudity_cells_equal_a_run_of_one_entry_alone(nudity_run, tmp_path):
 
 def test_i2p_table_without_hfi_or_reference_images_says_why(tmp_path, exports):
     out = tmp_path / "out"
-    report = _run(["--config", I2P_TINY, f"out={out}", *SMALL, *paths_args(exports, "sdd", "esd_u", "esd_x"),
+    report = _run(["--config", I2P_TINY, f"out={out}", *SMALL,
+                   *paths_args(exports, "sdd", "esd_u", "esd_x", "uce", "rece", "salun"),
                    "nudity.limit=1", "nudity.images_per_prompt=1", "i2p.per_category=1", "i2p.images_per_prompt=1",
                    "i2p.limit=3", "coco.limit=2", "metrics.batch_size=8"])
     table = cells(report, "sdd_i2p")
@@ -449,12 +459,15 @@ def test_shapes_table_equals_sdd_shapes_bench(tmp_path, exports):
               "generation.batch_size=8"]
     report = _run(["--config", SHAPES, f"out={tmp_path / 'eval'}", "paths.base=tiny", f"paths.esd={exports['esd_x']}",
                    f"paths.sdd={exports['sdd']}", f"paths.sdd_keep={exports['sdd']}",
-                   f"paths.sdd_robust={exports['sdd']}", "attacks.run=[]", *common])
+                   f"paths.sdd_robust={exports['sdd']}", *paths_args(exports, "uce", "rece", "salun"), "attacks.run=[]",
+                   *common])
     table = cells(report, "shapes")
     assert table["rows"][-1] == "HFI+SDD" and table["cells"]["HFI+SDD"]["shapes.erased_rate"]["summary"] is None
     models = ["SD=tiny", "SD+NEG=tiny@neg", "SLD-weak=tiny@sld-weak", "SLD-medium=tiny@sld-medium",
-              "SLD-strong=tiny@sld-strong", "SLD-max=tiny@sld-max", "SEGA=tiny@sega", f"ESD={exports['esd_x']}",
-              f"SDD={exports['sdd']}", f"SDD+keep={exports['sdd']}", f"SDD-robust={exports['sdd']}"]
+              "SLD-strong=tiny@sld-strong", "SLD-max=tiny@sld-max", "SEGA=tiny@sega", "SAFREE=tiny@safree",
+              f"ESD={exports['esd_x']}", f"SDD={exports['sdd']}", f"SDD+keep={exports['sdd']}",
+              f"SDD-robust={exports['sdd']}", f"UCE={exports['sdd']}", f"RECE={exports['esd_x']}",
+              f"SalUn={exports['sdd']}"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
