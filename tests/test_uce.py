@@ -116,7 +116,7 @@ def test_uce_run_writes_what_an_sdd_run_writes_and_reexports_identically(tmp_pat
     for path in ["pipeline/model_index.json", "unet.safetensors", "config.yaml", "README.md", "train_summary.json",
                  "checkpoints/step-000001/model.safetensors", "samples/step-000001.png"]:
         assert (out / path).exists(), path
-    assert "UCE (closed form, last token rows, lambda=0.5)" in (out / "README.md").read_text()
+    assert "UCE (closed form, last-to-end token rows, lambda=0.5)" in (out / "README.md").read_text()
     original = build_tiny_sd().unet.state_dict()
     exported = load_file(out / "unet.safetensors")
     changed = {k for k in original if not torch.equal(original[k], exported[k])}

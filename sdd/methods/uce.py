@@ -77,7 +77,7 @@ class UCESettings:
     lam: float = 0.5  # lambda: weight of staying at W_old (the authors' scripts: 0.5)
     erase_scale: float = 1.0  # eta_e
     preserve_scale: float = 1.0  # eta_p (the current script: 1; the paper-era one: max(0.1, 1/|preserve|))
-    token_rows: TokenRows = "last"  # which rows of a prompt's embedding are keys (module docstring)
+    token_rows: TokenRows = "last-to-end"  # which rows of a prompt's embedding are keys (module docstring)
     templates: list[str] = field(default_factory=lambda: ["{}"])  # erase t.format(concept) toward t.format(guide)
 
     def __post_init__(self) -> None:
