@@ -583,11 +583,26 @@ def fit(accelerator, method: Method, cfg) -> FitResult:
     seconds = time.perf_counter() - started
 
     final = _save_checkpoint(accelerator, output_dir, trainer_state(), config_yaml, train.checkpoints_total_limit)
+    return _finish(accelerator, method, stepper.model, tracker, hooks, output_dir, final, step, seconds, last_loss,
+                   {"steps_this_run": step - first_step,
+                    "seconds_this_run": round(seconds, 2),
+                    "steps_per_second": round((step - first_step) / seconds, 3) if seconds > 0 else None,
+                    "final_loss": last_loss,
+                    "final_lr": stepper.lr(),
+                    "skipped_steps": skipped})
+
+
+def _finish(accelerator, method, model: nn.Module, tracker: Tracker, hooks: list, output_dir: str, final: str,
+            step: int, seconds: float, last_loss: float, run_stats: dict) -> FitResult:
+    """What ends a run, once its final checkpoint ``final`` is written: the sample grid, the processes' checksums,
+    the export (a failure names the checkpoint and ``sdd-export``), ``train_summary.json`` ("steps", then
+    ``run_stats``, then the processes, checksums, exports, samples and the method's own summary)."""
     from accelerate.utils import gather_object
 
+    main = accelerator.is_main_process
     exports: dict[str, str] = {}
     method_summary: dict = {}
-    with full_parameters(accelerator, stepper.model):
+    with full_parameters(accelerator, model):
         sample_path = _sample(accelerator, method, tracker, output_dir, step)
         checksums = gather_object([params_checksum(method)])
         if len(set(checksums)) != 1:
@@ -605,12 +620,7 @@ def fit(accelerator, method: Method, cfg) -> FitResult:
             method_summary = hook(method, "summary")()
             summary = {
                 "steps": step,
-                "steps_this_run": step - first_step,
-                "seconds_this_run": round(seconds, 2),
-                "steps_per_second": round((step - first_step) / seconds, 3) if seconds > 0 else None,
-                "final_loss": last_loss,
-                "final_lr": stepper.lr(),
-                "skipped_steps": skipped,
+                **run_stats,
                 "num_processes": accelerator.num_processes,
                 "param_checksums": checksums,
                 "exports": exports,
@@ -624,6 +634,75 @@ def fit(accelerator, method: Method, cfg) -> FitResult:
         h.remove()
     accelerator.free_memory()  # the script may train another stage with the same accelerator
     return FitResult(step, seconds, last_loss, exports, checksums, output_dir, method_summary, main)
+
+
+class ClosedForm(Protocol):
+    """What ``solve`` needs of a closed-form method (no loss, no optimizer): ``model``, whose parameters that
+    require grad are the ones it writes (what a checkpoint holds), ``iterations`` closed-form steps, and
+    ``solve_step(i)``, which runs step ``i`` in place and returns its numbers (``loss``: the one reported as the
+    final loss). The optional hooks are fit's (``summary``, ``validation_images``, ``extra_state``)."""
+
+    model: nn.Module
+    iterations: int
+
+    def solve_step(self, iteration: int) -> dict[str, float]:
+        ...
+
+    def export(self, output_dir: str) -> dict[str, str]:
+        ...
+
+
+def solve(accelerator, method: ClosedForm, cfg) -> FitResult:
+    """Run a closed-form method with the run config ``cfg``: fit's checks and run folder, a checkpoint of the
+    written parameters after every step (an interrupted run resumes at the next step; ``sdd-export`` re-exports
+    any), the sample grid, the export and ``train_summary.json``. ``train`` gives only ``resume``,
+    ``allow_config_change`` and ``checkpoints_total_limit``: there is no optimizer."""
+    from sdd.config import to_dict, to_yaml
+
+    train, tracking, output_dir = cfg.train, cfg.tracking, cfg.output_dir
+    config_yaml = to_yaml(cfg)
+    main = accelerator.is_main_process
+    plan = plan_run(output_dir, train, config_yaml)
+    if train.resume and plan.checkpoint is None and main:
+        print(f"no checkpoint in {output_dir}/checkpoints; starting a new run", flush=True)
+    model = accelerator.prepare(method.model)
+    hooks = _register_checkpoint_hooks(accelerator, method)
+    step = 0
+    if plan.checkpoint is not None:
+        accelerator.load_state(plan.checkpoint)
+        with open(os.path.join(plan.checkpoint, TRAINER_STATE)) as f:
+            step = json.load(f)["step"]
+        if main:
+            print(f"resumed from {plan.checkpoint} at step {step}", flush=True)
+    if main:
+        _start_run_folder(output_dir, config_yaml, plan, step)
+    accelerator.wait_for_everyone()
+    tracker = Tracker(accelerator, tracking, to_dict(cfg), output_dir)
+    first_step, last_loss, logs = step, float("nan"), {}
+    started = time.perf_counter()
+    try:
+        while step < method.iterations:
+            with torch.no_grad(), full_parameters(accelerator, model):
+                logs = method.solve_step(step)
+            step += 1
+            last_loss = float(logs.get("loss", float("nan")))
+            if main:
+                print(f"step {step}/{method.iterations}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()),
+                      flush=True)
+            tracker.log_scalars({f"solve/{k}": float(v) for k, v in logs.items()}, step)
+            if step < method.iterations:
+                _save_checkpoint(accelerator, output_dir, {"step": step}, config_yaml, train.checkpoints_total_limit)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            tracker.finish()
+        for h in hooks:
+            h.remove()
+        raise
+    seconds = time.perf_counter() - started
+    final = _save_checkpoint(accelerator, output_dir, {"step": step}, config_yaml, train.checkpoints_total_limit)
+    return _finish(accelerator, method, model, tracker, hooks, output_dir, final, step, seconds, last_loss,
+                   {"steps_this_run": step - first_step, "seconds_this_run": round(seconds, 2),
+                    "final_loss": last_loss})
 
 
 def _apply_optimizer_settings(optimizer, lr_scheduler, train: TrainConfig) -> None:

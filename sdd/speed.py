@@ -63,8 +63,13 @@ class Case:
 def make_config(case: Case):
     """The run config of ``case``: the method's schema with the case's settings."""
     from sdd.config import load_config
+    from sdd.errors import UserError
+    from sdd.loop import fit
     from sdd.methods.registry import entry
 
+    if entry(case.method).runner is not fit:
+        raise UserError(f"sdd-bench times optimizer steps, and {case.method} is a closed-form method (no optimizer): "
+                        "its run's train_summary.json gives the edit's seconds (seconds_this_run)")
     perf = dict(case.perf)
     batch, accumulation = case.batch_size, 1
     if case.reference:  # B latents as B micro-steps of one latent, and the original code's choices

@@ -1,10 +1,11 @@
 """Every method the training loop runs, by the name a config's ``method`` field gives it.
 
-    name -> (config schema, method class, stages)
+    name -> (config schema, method class, stages, runner)
 
 ``stages(cfg)`` lists the (config, method class) pairs a run trains in order (one for most methods; the ShapesWorld
 base model trains its VAE first). ``sdd.api.train`` runs them, ``sdd.api.export`` rebuilds the last one from a
-checkpoint. A new method adds its line here and nothing anywhere else.
+checkpoint. ``runner`` is what runs a built stage: ``fit`` (the training loop; the default) or ``solve`` (a
+closed-form method: UCE, RECE). A new method adds its line here and nothing anywhere else.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from typing import Callable, NamedTuple
 
 from sdd.config import to_yaml
 from sdd.errors import UserError
-from sdd.loop import FitResult, fit, make_accelerator, plan_run
-from sdd.methods import esd, finetune, hfi, reward, salun, sdd, shapes_base
+from sdd.loop import FitResult, fit, make_accelerator, plan_run, solve
+from sdd.methods import esd, finetune, hfi, rece, reward, salun, sdd, shapes_base, uce
 
 
 class Entry(NamedTuple):
     schema: type
     method: type
     stages: Callable[[object], list[tuple[object, type]]]
+    runner: Callable = fit  # fit(accelerator, method, cfg) -> FitResult, or solve (closed-form methods)
 
 
 def _one(method: type) -> Callable[[object], list[tuple[object, type]]]:
@@ -35,6 +37,8 @@ METHODS: dict[str, Entry] = {
     "shapes-base": Entry(shapes_base.ShapesBaseConfig, shapes_base.ShapesDiffusionMethod, shapes_base.stages),
     "finetune": Entry(finetune.FinetuneConfig, finetune.FinetuneMethod, _one(finetune.FinetuneMethod)),
     "salun": Entry(salun.SalUnConfig, salun.SalUnMethod, _one(salun.SalUnMethod)),
+    "uce": Entry(uce.UCEConfig, uce.UCEMethod, _one(uce.UCEMethod), solve),
+    "rece": Entry(rece.RECEConfig, rece.RECEMethod, _one(rece.RECEMethod), solve),
 }
 
 
@@ -47,14 +51,15 @@ def entry(name: str | None, where: str = "method") -> Entry:
 def train(cfg) -> FitResult:
     """Train the run config ``cfg`` (its ``method`` names the entry): every stage's checks before a model is
     built, one accelerator for the stages, the last stage's result. What ``sdd.api.train`` and the attacks run."""
-    stages = entry(cfg.method).stages(cfg)
+    found = entry(cfg.method)
+    stages = found.stages(cfg)
     for stage_cfg, _ in stages:
         plan_run(stage_cfg.output_dir, stage_cfg.train, to_yaml(stage_cfg))
     accelerator = make_accelerator(cfg.train, cfg.tracking, cfg.output_dir)
     result = None
     for stage_cfg, method_cls in stages:
         built = method_cls(stage_cfg, accelerator.device, accelerator.process_index, accelerator.num_processes)
-        result = fit(accelerator, built, stage_cfg)
+        result = found.runner(accelerator, built, stage_cfg)
     accelerator.end_training()
     _release(accelerator)
     return result
