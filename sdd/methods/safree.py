@@ -14,7 +14,7 @@ defaults are those of the official code (``jaehong31/SAFREE``: ``models/modified
 section 7. Below the math: the settings and the ``sdd.generation.Guidance`` object that plugs it into
 ``generate`` (through its ``open_batch`` hook).
 
-Choices where the code is silent or does something we do not copy (docs/METHODS.md section 7.4):
+Choices where the code is silent or does something we do not copy (docs/METHODS.md section 7.3):
 - the official SD-1.x script registers its Fourier filter without a mode, so its re-attention changes nothing;
   here re-attention is the paper's (scale s where the filtered branch's low-frequency magnitude exceeds the
   original's), on the skip features of the first two up stages, only at the steps the filtered text is used;
