@@ -491,19 +491,38 @@ def _raise_on_all(accelerator, failure: str | None) -> None:
     accelerator.wait_for_everyone()
 
 
+def _plan(accelerator, cfg) -> tuple[str, RunPlan]:
+    """The start of every run (``fit``, ``solve``): the config as saved, and the checks and checkpoint of
+    ``plan_run``; says so when ``train.resume`` finds nothing to resume."""
+    from sdd.config import to_yaml
+
+    config_yaml = to_yaml(cfg)
+    plan = plan_run(cfg.output_dir, cfg.train, config_yaml)
+    if cfg.train.resume and plan.checkpoint is None and accelerator.is_main_process:
+        print(f"no checkpoint in {cfg.output_dir}/checkpoints; starting a new run", flush=True)
+    return config_yaml, plan
+
+
+def _resume_state(accelerator, plan: RunPlan) -> dict:
+    """Load the plan's checkpoint into the prepared objects; its trainer state (``step``, ...)."""
+    accelerator.load_state(plan.checkpoint)
+    with open(os.path.join(plan.checkpoint, TRAINER_STATE)) as f:
+        state = json.load(f)
+    if accelerator.is_main_process:
+        print(f"resumed from {plan.checkpoint} at step {state['step']}", flush=True)
+    return state
+
+
 def fit(accelerator, method: Method, cfg) -> FitResult:
     """Train ``method`` with the run config ``cfg`` (any config with ``train``, ``tracking`` and ``output_dir``):
     checks, resume, the steps, checkpoints, sample grids, the export and ``train_summary.json``."""
     from tqdm.auto import tqdm
 
-    from sdd.config import to_dict, to_yaml
+    from sdd.config import to_dict
 
     train, tracking, output_dir = cfg.train, cfg.tracking, cfg.output_dir
-    config_yaml = to_yaml(cfg)
     main = accelerator.is_main_process
-    plan = plan_run(output_dir, train, config_yaml)
-    if train.resume and plan.checkpoint is None and main:
-        print(f"no checkpoint in {output_dir}/checkpoints; starting a new run", flush=True)
+    config_yaml, plan = _plan(accelerator, cfg)
 
     stepper = Stepper(accelerator, method, train)
     hooks = _register_checkpoint_hooks(accelerator, method)
@@ -511,15 +530,11 @@ def fit(accelerator, method: Method, cfg) -> FitResult:
     step, skipped = 0, 0
     saved_step = None  # the step of the last checkpoint this run wrote
     if plan.checkpoint is not None:
-        accelerator.load_state(plan.checkpoint)
-        with open(os.path.join(plan.checkpoint, TRAINER_STATE)) as f:
-            state = json.load(f)
+        state = _resume_state(accelerator, plan)
         step, skipped = state["step"], state.get("skipped_steps", 0)
         if any(k.startswith(("train.lr", "train.weight_decay", "train.adam_")) for k in plan.changes):
             # the checkpoint restored the old ones
             _apply_optimizer_settings(stepper.optimizer, stepper.lr_scheduler, train)
-        if main:
-            print(f"resumed from {plan.checkpoint} at step {step}", flush=True)
     if main:  # the checks passed and the checkpoint loaded: only now does the run write its files
         _start_run_folder(output_dir, config_yaml, plan, step)
     accelerator.wait_for_everyone()
@@ -657,23 +672,16 @@ def solve(accelerator, method: ClosedForm, cfg) -> FitResult:
     written parameters after every step (an interrupted run resumes at the next step; ``sdd-export`` re-exports
     any), the sample grid, the export and ``train_summary.json``. ``train`` gives only ``resume``,
     ``allow_config_change`` and ``checkpoints_total_limit``: there is no optimizer."""
-    from sdd.config import to_dict, to_yaml
+    from sdd.config import to_dict
 
     train, tracking, output_dir = cfg.train, cfg.tracking, cfg.output_dir
-    config_yaml = to_yaml(cfg)
     main = accelerator.is_main_process
-    plan = plan_run(output_dir, train, config_yaml)
-    if train.resume and plan.checkpoint is None and main:
-        print(f"no checkpoint in {output_dir}/checkpoints; starting a new run", flush=True)
+    config_yaml, plan = _plan(accelerator, cfg)
     model = accelerator.prepare(method.model)
     hooks = _register_checkpoint_hooks(accelerator, method)
     step = 0
     if plan.checkpoint is not None:
-        accelerator.load_state(plan.checkpoint)
-        with open(os.path.join(plan.checkpoint, TRAINER_STATE)) as f:
-            step = json.load(f)["step"]
-        if main:
-            print(f"resumed from {plan.checkpoint} at step {step}", flush=True)
+        step = _resume_state(accelerator, plan)["step"]
     if main:
         _start_run_folder(output_dir, config_yaml, plan, step)
     accelerator.wait_for_everyone()
