@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from sdd import api
 from sdd.config import load_config
 from sdd.errors import UserError
+from sdd.loop import describe
 from sdd.methods.rece import RECEConfig, RECEMethod, adversarial_embedding
 from sdd.methods.uce import UCEConfig, UCEMethod, paired_rows, token_rows, uce_edit
 from sdd.models import build_tiny_sd
@@ -113,6 +114,7 @@ def test_uce_run_writes_what_an_sdd_run_writes_and_reexports_identically(tmp_pat
     out = tmp_path / "uce"
     result = api.train(UCE_TINY, f"output_dir={out}", *FAST)
     assert result.steps == 1 and result.exports["pipeline"] == str(out / "pipeline")
+    assert describe(result, str(out)).startswith("solved 1 closed-form steps in ")  # not "trained": no optimizer
     for path in ["pipeline/model_index.json", "unet.safetensors", "config.yaml", "README.md", "train_summary.json",
                  "checkpoints/step-000001/model.safetensors", "samples/step-000001.png"]:
         assert (out / path).exists(), path
