@@ -142,7 +142,7 @@ def test_rece_resumes_at_the_next_epoch_with_the_same_weights(tmp_path):
     cut = tmp_path / "cut"  # interrupted after the first round: its last checkpoint and the export are missing
     shutil.copytree(full, cut, ignore=shutil.ignore_patterns("step-000003", "pipeline", "unet.safetensors"))
     resumed = load_script("train_rece").main(["--config", RECE_TINY, f"output_dir={cut}", "--resume", *FAST])
-    assert resumed.steps == 3 and len(resumed.summary["edits"]) == 1
+    assert resumed.steps == 3 and resumed.summary["edits"] == result.summary["edits"]  # every round
     assert same_tensors(cut / "unet.safetensors", full / "unet.safetensors")
 
 

@@ -17,6 +17,7 @@ word token to the end of the padded sequence, the paper-era script) or ``all`` (
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
@@ -214,6 +215,14 @@ class UCEMethod:
 
     def summary(self) -> dict:
         return {"edits": self.history} if self.history else {}
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """The steps' numbers so far, as JSON bytes: a resumed run's summary lists every step, not only its own."""
+        return {"edits_json": torch.tensor(list(json.dumps(self.history).encode()), dtype=torch.uint8)}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "edits_json" in state:
+            self.history = json.loads(bytes(state["edits_json"].tolist()).decode())
 
     def export_unet(self):
         return self.model
