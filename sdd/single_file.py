@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 
 from sdd.errors import UserError
-from sdd.files import atomic_path
+from sdd.files import atomic_path, to_json
 
 CONFIG_DIR = str(resources.files("sdd") / "assets" / "single-file")
 TOKENIZER_DIR = str(resources.files("sdd") / "assets" / "clip-tokenizer")
@@ -262,7 +262,7 @@ def write_config_folder(folder: str, configs: dict, tokenizer=None) -> None:
              "scheduler/scheduler_config.json": configs["scheduler"]}
     for name, value in files.items():
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2)
+            f.write(to_json(value, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
 
@@ -276,7 +276,7 @@ def write_single_file(path: str, unet, vae, text_encoder, tokenizer, scheduler, 
 
     configs = configs_of(unet, vae, text_encoder, tokenizer, scheduler)
     state = to_original(unet, vae, text_encoder, dtype)
-    metadata = {"format": "pt", "keys": "original", METADATA_KEY: json.dumps(configs)}
+    metadata = {"format": "pt", "keys": "original", METADATA_KEY: to_json(configs)}
     with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=metadata)
     if config_folder is not None:

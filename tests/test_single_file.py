@@ -95,6 +95,7 @@ def test_single_file_reads_back_equal_in_ours_and_in_diffusers(sd1_export):
                                                     safety_checker=None)
     for a, b in ((tiny.unet, pipe.unet), (tiny.vae, pipe.vae), (tiny.text_encoder, pipe.text_encoder)):
         assert_same(a, b)
+    assert_same(tiny.unet, api.load_pipeline(path).unet)  # sdd-generate / sdd-eval take the file as a model
 
 
 def test_sd2_text_encoder_is_written_in_the_open_clip_layout(tmp_path):
