@@ -36,6 +36,11 @@ class ModelConfig:
     # default: the configs the file carries (sdd-export writes them), else the shipped one its keys show
     single_file_config: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        _check(self.single_file_config is None or self.pretrained.lower().endswith(".safetensors"),
+               "model.single_file_config", f"describes a single .safetensors file; model.pretrained is "
+               f"{self.pretrained!r}")
+
 
 @dataclass
 class LoraConfig:

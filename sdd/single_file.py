@@ -340,7 +340,9 @@ def load_single_file(path: str, config: Optional[str] = None, *, with_vae: bool 
     check_path(path)
     keys, metadata = _header(path)
     configs, folder = _configs_for(path, keys, metadata, config)
-    _check_keys(path, keys, configs if configs is not None else _read_config_folder(folder))
+    described_by = (f"the folder {folder}" if folder else f"the shipped {config}" if config
+                    else "the configs it carries" if METADATA_KEY in metadata else f"the shipped {detect(keys)[1]}")
+    _check_keys(path, keys, configs if configs is not None else _read_config_folder(folder), described_by)
     with tempfile.TemporaryDirectory(prefix="sdd-single-file-") as tmp:
         if configs is not None:
             folder = tmp
@@ -396,19 +398,19 @@ def original_shapes(configs: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def _check_keys(path: str, keys: dict[str, tuple[int, ...]], configs: dict) -> None:
+def _check_keys(path: str, keys: dict[str, tuple[int, ...]], configs: dict, described_by: str) -> None:
     """Every weight the config needs is in the file, with its shape (extra keys -- EMA copies, the noise schedule,
     OpenCLIP's unused last block -- are ignored, as diffusers does)."""
     expected = original_shapes(configs)
     missing = sorted(k for k in expected if k not in keys)
     if missing:
-        raise UserError(f"model.pretrained: {path} lacks {len(missing)} weights its config needs "
-                        f"(e.g. {missing[0]}); set model.single_file_config if the config is the wrong one")
+        raise UserError(f"model.pretrained: {path} lacks {len(missing)} weights needed by {described_by} "
+                        f"(e.g. {missing[0]}); model.single_file_config names the right config")
     wrong = sorted(k for k in expected if keys[k] != expected[k])
     if wrong:
-        raise UserError(f"model.pretrained: {path} does not fit its config: {wrong[0]} is "
+        raise UserError(f"model.pretrained: {path} does not fit {described_by}: {wrong[0]} is "
                         f"{list(keys[wrong[0]])}, the config needs {list(expected[wrong[0]])} "
-                        f"({len(wrong)} such weights); set model.single_file_config to the right one")
+                        f"({len(wrong)} such weights); model.single_file_config names the right config")
 
 
 @contextlib.contextmanager

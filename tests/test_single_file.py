@@ -211,6 +211,23 @@ def test_detection_refuses_what_it_cannot_describe():
         sf._configs_for("x.safetensors", shapes, {}, "sd9")
 
 
+def test_single_file_config_is_a_setting_of_single_files_only(sd1_export, tmp_path):
+    from sdd.config import load_config
+    from sdd.errors import ConfigError
+    from sdd.methods.sdd import SDDConfig
+
+    with pytest.raises(ConfigError, match="model.single_file_config: describes a single .safetensors file"):
+        load_config(SDDConfig, None, ["model.single_file_config=sd15"])
+    tiny, out, _ = sd1_export
+    path = str(out / "model.safetensors")
+    folder = load_components(path, single_file_config=str(out / "model-config"))  # a diffusers folder as config
+    assert_same(tiny.unet, folder.unet)
+    with pytest.raises(UserError, match="lacks 808 weights needed by the shipped sd15"):  # it wins over the file's
+        load_components(path, single_file_config="sd15")
+    with pytest.raises(UserError, match="not a diffusers model folder"):
+        load_components(path, single_file_config=str(tmp_path))
+
+
 # --- refusals: one line each ------------------------------------------------------------------------------------
 
 
@@ -243,10 +260,12 @@ def test_a_file_missing_weights_is_named(sd1_export, tmp_path):
     del state["model.diffusion_model.out.2.weight"]  # conv_out
     cut = tmp_path / "cut.safetensors"
     save_file(state, str(cut), metadata=metadata)
-    assert "lacks 1 weights its config needs (e.g. model.diffusion_model.out.2.weight)" in one_line_error(str(cut))
+    assert ("lacks 1 weights needed by the configs it carries (e.g. model.diffusion_model.out.2.weight)"
+            in one_line_error(str(cut)))
     state["model.diffusion_model.out.2.weight"] = torch.zeros(4, 32, 1, 1)  # 3x3 in the model
     save_file(state, str(cut), metadata=metadata)
-    assert "does not fit its config: model.diffusion_model.out.2.weight is [4, 32, 1, 1]" in one_line_error(str(cut))
+    assert ("does not fit the configs it carries: model.diffusion_model.out.2.weight is [4, 32, 1, 1]"
+            in one_line_error(str(cut)))
 
 
 # --- the atomic write -------------------------------------------------------------------------------------------
