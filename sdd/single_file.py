@@ -102,12 +102,14 @@ class Family:
     config: str  # the shipped config for that width
     text_to_original: Callable[[dict], dict]
     hidden_act: str  # what the diffusers text encoder of this family uses (tells the layout on export)
+    pad_token: str  # the tokenizer's padding (OpenCLIP pads with "!", CLIP with end-of-text)
+    pipeline: str = "StableDiffusionPipeline"  # the diffusers class whose from_single_file reads the family
 
 
 FAMILIES = [
     Family("SD-1.x", CLIP_PREFIX + "text_model.embeddings.token_embedding.weight", 768, "sd15", clip_to_original,
-           "quick_gelu"),
-    Family("SD-2.x", OPEN_CLIP_PREFIX + "token_embedding.weight", 1024, "sd21", open_clip_to_original, "gelu"),
+           "quick_gelu", "<|endoftext|>"),
+    Family("SD-2.x", OPEN_CLIP_PREFIX + "token_embedding.weight", 1024, "sd21", open_clip_to_original, "gelu", "!"),
 ]
 SDXL_KEY_PREFIX = "conditioner.embedders."
 
@@ -149,7 +151,10 @@ def _unet_prefixes(config) -> list[tuple[str, str]]:
     pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
              ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
              ("mid_block.resnets.0.", "middle_block.0."), ("mid_block.attentions.0.", "middle_block.1."),
-             ("mid_block.resnets.1.", "middle_block.2.")]
+             ("mid_block.resnets.1.", "middle_block.2."),
+             # SDXL's micro-conditioning and class-conditioned UNets (diffusers' converter maps both to label_emb)
+             ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2."),
+             ("class_embedding.linear_1.", "label_emb.0.0."), ("class_embedding.linear_2.", "label_emb.0.2.")]
     for b in range(n):
         for j in range(per):
             i = 1 + b * (per + 1) + j
@@ -334,14 +339,14 @@ def _configs_for(path: str, keys, metadata, override: Optional[str]) -> tuple[Op
 def load_single_file(path: str, config: Optional[str] = None, *, with_vae: bool = True):
     """(unet, text_encoder, tokenizer, scheduler, vae) from a single-file checkpoint, offline, in fp32."""
     import diffusers
-    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     check_path(path)
     keys, metadata = _header(path)
+    family, shipped = detect(keys, path)
     configs, folder = _configs_for(path, keys, metadata, config)
     described_by = (f"the folder {folder}" if folder else f"the shipped {config}" if config
-                    else "the configs it carries" if METADATA_KEY in metadata else f"the shipped {detect(keys)[1]}")
+                    else "the configs it carries" if METADATA_KEY in metadata else f"the shipped {shipped}")
     _check_keys(path, keys, configs if configs is not None else _read_config_folder(folder), described_by)
     with tempfile.TemporaryDirectory(prefix="sdd-single-file-") as tmp:
         if configs is not None:
@@ -351,14 +356,14 @@ def load_single_file(path: str, config: Optional[str] = None, *, with_vae: bool 
         elif os.path.isdir(os.path.join(folder, "tokenizer")):
             tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         else:
-            tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+            tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=family.pad_token)
         scheduler_config = diffusers.DDIMScheduler.load_config(folder, subfolder="scheduler")
         scheduler = getattr(diffusers, scheduler_config.get("_class_name", "DDIMScheduler"),
                             diffusers.DDIMScheduler).from_config(scheduler_config)
         try:
             with warnings.catch_warnings(), _quiet_diffusers():
                 warnings.simplefilter("ignore")
-                pipe = StableDiffusionPipeline.from_single_file(
+                pipe = getattr(diffusers, family.pipeline).from_single_file(
                     path, config=folder, local_files_only=True, torch_dtype=torch.float32, tokenizer=tokenizer,
                     scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
                 )

@@ -5,6 +5,7 @@ refusals; the atomic write."""
 
 import errno
 import os
+import shutil
 
 import pytest
 import torch
@@ -116,6 +117,9 @@ def test_sd2_text_encoder_is_written_in_the_open_clip_layout(tmp_path):
             assert_same(a, b)
     assert ours.scheduler.config.prediction_type == "v_prediction"
     assert ours.tokenizer.pad_token == "!"
+    bare = tmp_path / "bare-config"  # a config folder without a tokenizer: the family's padding
+    shutil.copytree(config, bare, ignore=shutil.ignore_patterns("tokenizer"))
+    assert load_components(path, single_file_config=str(bare)).tokenizer.pad_token == "!"
 
 
 def test_export_dtype_reaches_the_single_file(tmp_path):
@@ -195,6 +199,22 @@ def test_the_key_map_of_the_real_architectures_inverts_diffusers_converter(name)
     text_back = {k.removeprefix("text_model."): v.shape for k, v in text_back.items()}
     assert text_back == {k.removeprefix("text_model."): v.shape for k, v in text_encoder.state_dict().items()}
     assert len([k for k in shapes if k.startswith("model.diffusion_model.")]) == 686  # SD-1.5/2.1's UNet
+
+
+def test_the_unet_map_covers_conditioning_embeddings():
+    """UNets with a class or micro-conditioning embedding (``label_emb`` in the original; SDXL has one)."""
+    from diffusers.loaders import single_file_utils as su
+
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8, class_embed_type="projection", projection_class_embeddings_input_dim=8,
+    )
+    state = unet.state_dict()
+    original = sf.unet_to_original(state, unet.config)
+    assert "model.diffusion_model.label_emb.0.0.weight" in original
+    back = su.convert_ldm_unet_checkpoint(original, unet.config)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 
 def test_detection_refuses_what_it_cannot_describe():
