@@ -315,3 +315,22 @@ def test_a_failing_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, 
         sf.write_single_file(str(tmp_path / "new.safetensors"), tiny.unet, tiny.vae, tiny.text_encoder,
                              tiny.tokenizer, tiny.scheduler, dtype=torch.float32)
     assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_the_training_command_prints_one_line_for_a_pickle_or_a_non_checkpoint(train_sdd, tiny_args, tmp_path,
+                                                                               capsys):
+    from sdd.errors import run_main
+
+    pickle = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, pickle)
+    other = tmp_path / "other.safetensors"
+    save_file({"layer.weight": torch.zeros(2, 2)}, str(other))
+    for path, message in ((pickle, "is a pickled checkpoint"), (other, "is not a Stable Diffusion checkpoint")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(train_sdd.main, tiny_args(f"model.pretrained={path}"))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], err
+        assert not (tmp_path / "run").exists()
