@@ -43,7 +43,7 @@ class ModelCard:
 def _card_text(card: ModelCard, has_pipeline: bool, has_lora: bool, has_single_file: bool = False) -> str:
     hub_base = card.base_model if card.base_model not in ("tiny", "shapes") else None
     front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image"]
-    if hub_base and not os.path.isdir(hub_base):
+    if hub_base and not os.path.exists(hub_base) and not hub_base.endswith(".safetensors"):  # a hub id, not a path
         front.append(f"base_model: {hub_base}")
     front += ["tags:", "- stable-diffusion", "- concept-erasure", f"- {card.method.split()[0].lower()}", "---", ""]
     concepts = ", ".join(f"`{c}`" for c in card.concepts)

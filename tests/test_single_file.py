@@ -142,6 +142,7 @@ def test_train_from_a_single_file_and_export_it_back_as_one(sd1_export, tmp_path
     result = api.train(str(ROOT / "configs/sdd/tiny.yaml"), f"output_dir={run}",
                        f"model.pretrained={out / 'model.safetensors'}", *TINY_SDD)
     assert result.steps == 2
+    assert "base_model:" not in (run / "README.md").read_text()  # the card's base_model is for hub ids only
     exported = UNet2DConditionModel.from_pretrained(run / "pipeline", subfolder="unet")
     written = export_main([str(run), "--format", "single-file", "--out", str(tmp_path / "again")])
     assert set(written) == {"single-file", "single-file-config", "config", "card"}
@@ -198,7 +199,8 @@ def test_the_key_map_of_the_real_architectures_inverts_diffusers_converter(name)
         text_back = su.convert_open_clip_checkpoint(text_encoder, state)
     text_back = {k.removeprefix("text_model."): v.shape for k, v in text_back.items()}
     assert text_back == {k.removeprefix("text_model."): v.shape for k, v in text_encoder.state_dict().items()}
-    assert len([k for k in shapes if k.startswith("model.diffusion_model.")]) == 686  # SD-1.5/2.1's UNet
+    counts = {p: sum(k.startswith(p) for k in shapes) for p in ("model.diffusion_model.", "first_stage_model.")}
+    assert counts == {"model.diffusion_model.": 686, "first_stage_model.": 248}  # the released files' UNet and VAE
 
 
 def test_the_unet_map_covers_conditioning_embeddings():
