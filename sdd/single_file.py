@@ -4,7 +4,8 @@ One ``.safetensors`` file holds the UNet (``model.diffusion_model.*``), the VAE 
 text encoder (SD-1.x: ``cond_stage_model.transformer.text_model.*``, CLIP ViT-L; SD-2.x: ``cond_stage_model.model.*``,
 OpenCLIP ViT-H with fused ``in_proj`` attention). Such a file names no architecture, so reading it needs a config:
 
-1. ``model.single_file_config``: a diffusers model folder (configs alone suffice) or a shipped name (``CONFIGS``);
+1. ``model.single_file_config``: a diffusers model folder (configs alone suffice) or a shipped name
+   (``shipped_configs()``);
 2. else the file's own metadata: ``write_single_file`` embeds the diffusers configs (``sdd.configs``), so an export
    of any shape -- the tiny test model included -- reads back exactly;
 3. else the shipped config of the family its keys show (``FAMILIES``: the text encoder's layout and width), from
@@ -44,7 +45,6 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 METADATA_KEY = "sdd.configs"  # the diffusers configs, as JSON, in the safetensors header
-CONFIG_PARTS = ("model_index", "unet", "vae", "text_encoder", "scheduler", "tokenizer")
 
 
 def shipped_configs() -> list[str]:
@@ -327,7 +327,11 @@ def _configs_for(path: str, keys, metadata, override: Optional[str]) -> tuple[Op
                             f"{shipped_configs()}")
         shipped = override
     elif METADATA_KEY in metadata:
-        return json.loads(metadata[METADATA_KEY]), None
+        try:
+            return json.loads(metadata[METADATA_KEY]), None
+        except json.JSONDecodeError:
+            raise UserError(f"model.pretrained: {path} carries unreadable configs ({METADATA_KEY}); "
+                            "model.single_file_config names the right config") from None
     if shipped is None:
         width = keys[family.text_key][-1]
         raise UserError(f"model.pretrained: {path} is {family.name} with a text encoder of width {width}, which no "
