@@ -336,3 +336,25 @@ def test_the_training_command_prints_one_line_for_a_pickle_or_a_non_checkpoint(t
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and message in lines[0], err
         assert not (tmp_path / "run").exists()
+
+
+def test_a_lora_run_goes_out_merged_in_the_single_file(tmp_path):
+    from sdd.export import merged_unet
+    from sdd.params import configure_trainable
+
+    tiny = build_tiny_sd()
+    unet = tiny.unet
+    names = configure_trainable(unet, "lora")
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if name in names and "lora_B" in name:
+                p.normal_()  # B starts at zero: make the adapters change the model
+    written = export_model(str(tmp_path), tiny, unet, config_yaml="", card=CARD, is_lora=True, format="single-file")
+    assert {"lora", "single-file"} <= set(written) and "pipeline" not in written
+    merged = merged_unet(unet)
+    to_k = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    assert not torch.equal(merged.state_dict()[to_k], build_tiny_sd().unet.state_dict()[to_k])  # the LoRA is in
+    assert_same(merged, load_components(written["single-file"]).unet)
+    with pytest.raises(UserError, match="export.merge_lora=true"):
+        export_model(str(tmp_path / "b"), tiny, unet, config_yaml="", card=CARD, is_lora=True, merge_lora=False,
+                     format="single-file")
