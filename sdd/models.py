@@ -1,4 +1,4 @@
-"""Stable Diffusion components: loaded from a diffusers folder / hub id, or built tiny in code.
+"""Stable Diffusion components: loaded from a diffusers folder / hub id / single file, or built tiny in code.
 
 Only safetensors are ever loaded (``use_safetensors=True``); pickled ``.bin``/``.ckpt`` weights are refused.
 """
@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdd.errors import UserError
+from sdd.single_file import PICKLE_SUFFIXES, load_single_file
 
 TOKENIZER_DIR = str(resources.files("sdd") / "assets" / "clip-tokenizer")
 SHAPES_MODEL_DIR = str(resources.files("sdd") / "assets" / "shapes-base")
@@ -166,12 +167,18 @@ def _describe(err: Exception) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
-def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae: bool = True) -> SDComponents:
-    """Components of an SD-1.x model: ``'tiny'``, ``'shapes'``, ``'sd15-random'``, a diffusers folder or a hub id."""
+def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae: bool = True,
+                    single_file_config: Optional[str] = None) -> SDComponents:
+    """Components of an SD-1.x/2.x model: ``'tiny'``, ``'shapes'``, ``'sd15-random'``, a diffusers folder, a hub id,
+    or a single-file ``.safetensors`` checkpoint in the original layout (``sdd.single_file``; its config from
+    ``single_file_config``, the file, or the family its keys show)."""
     if pretrained == "tiny":
         return build_tiny_sd()
     if pretrained == "sd15-random":
         return build_sd15_random()
+    if pretrained.lower().endswith((".safetensors",) + PICKLE_SUFFIXES) or os.path.isfile(pretrained):
+        parts = load_single_file(pretrained, single_file_config, with_vae=with_vae)
+        return SDComponents(*parts, source=pretrained)
     if pretrained == "shapes":
         if not os.path.isdir(SHAPES_MODEL_DIR):
             raise UserError(f"model.pretrained: the ShapesWorld model is not installed at {SHAPES_MODEL_DIR}")

@@ -183,7 +183,8 @@ class UCEMethod:
     def __init__(self, cfg: UCEConfig, device: torch.device | str = "cpu", process_index: int = 0,
                  num_processes: int = 1):
         self.cfg = cfg
-        self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds)
+        self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
+                                     single_file_config=cfg.model.single_file_config)
         self.model = self.base.unet
         self.model.requires_grad_(False)
         self.projections = kv_projections(self.model)
