@@ -58,6 +58,8 @@ def sample_to_k(
         guidance_scale: s_g.
         k: (B,) integers in [0, K). Latent ``b`` is denoised ``k[b]`` times; all latents move in lockstep on the
             grid and each is frozen once it has taken its own ``k[b]`` steps, so one batched pass serves them all.
+            Or (B, R): trajectory ``b`` runs to ``max_r k[b, r]`` and yields its latent after each ``k[b, r]``
+            steps, R latents from one trajectory (the B * R latents in order b, r).
 
     Returns:
         ``(z_t, t)``: the latents and, for each, the grid timestep ``scheduler.timesteps[k[b]]`` at which it sits.
@@ -65,16 +67,23 @@ def sample_to_k(
     """
     timesteps = scheduler.timesteps
     k = k.to(torch.long).cpu()
-    if k.ndim != 1 or k.shape[0] != z_T.shape[0]:
-        raise ValueError(f"k must have shape ({z_T.shape[0]},), got {tuple(k.shape)}")
+    if k.ndim not in (1, 2) or k.shape[0] != z_T.shape[0]:
+        raise ValueError(f"k must have shape ({z_T.shape[0]},) or ({z_T.shape[0]}, R), got {tuple(k.shape)}")
     if (k < 0).any() or (k >= len(timesteps)).any():
         raise ValueError(f"k must lie in [0, {len(timesteps)}), got {k.tolist()}")
+    ks = k if k.ndim == 2 else k[:, None]
+    last = ks.amax(1) if ks.numel() else ks.new_zeros(ks.shape[0])  # the steps each trajectory takes
     batch = z_T.shape[0]
     c_cond = c_cond.expand(batch, -1, -1)
     c_uncond = c_uncond.expand(batch, -1, -1)
     z = z_T.clone()
-    for i in range(int(k.max()) if batch else 0):
-        active = (k > i).nonzero().flatten().to(z.device)  # latents that still have steps to take
+    out = z.new_empty((batch, ks.shape[1], *z.shape[1:]))
+    for i in range(int(last.max()) + 1 if batch else 0):
+        rows, cols = (ks == i).nonzero(as_tuple=True)  # latents due after i steps: the trajectory's z now
+        out[rows.to(z.device), cols.to(z.device)] = z.index_select(0, rows.to(z.device))
+        active = (last > i).nonzero().flatten().to(z.device)  # trajectories that still have steps to take
+        if not len(active):
+            break
         t = timesteps[i]
         z_a = z.index_select(0, active)
         n = z_a.shape[0]
@@ -87,8 +96,8 @@ def sample_to_k(
         guided = classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)
         z_new = ddim_step(scheduler, guided.to(z_a.dtype), t, z_a)
         z = z.index_copy(0, active, z_new.to(z.dtype))
-    t_k = timesteps[k].to(z.device)
-    return z, t_k
+    t_k = timesteps[ks.flatten()].to(z.device)
+    return out.flatten(0, 1), t_k
 
 
 def sample_k(

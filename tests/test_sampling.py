@@ -85,3 +85,21 @@ def test_rejects_k_outside_the_grid(setup):
 def test_cfg_by_hand():
     # 1 + 2.5 * 2
     assert classifier_free_guidance(torch.tensor([1.0]), torch.tensor([3.0]), 2.5).item() == pytest.approx(6.0)
+
+
+def test_one_trajectory_yields_its_latent_after_each_of_its_k(setup):
+    unet, scheduler, z_T, c_cond, c_uncond = setup
+    k = torch.tensor([[3, 0], [1, 5]])  # two trajectories, two latents each
+    counting = CountingUNet(unet)
+    z, t = sample_to_k(counting, scheduler, z_T[:2], c_cond, c_uncond, 3.0, k)
+    # each trajectory runs once, to its largest k: both for 3 steps, then the second alone for 2 more
+    assert counting.batch_sizes == [4, 4, 4, 2, 2]
+    assert z.shape == (4, 4, 16, 16)
+    assert t.tolist() == [scheduler.timesteps[i].item() for i in (3, 0, 1, 5)]
+    for j, (b, kb) in enumerate([(0, 3), (0, 0), (1, 1), (1, 5)]):
+        expected = reference(unet, scheduler, z_T[b : b + 1], c_cond, c_uncond, 3.0, kb)
+        torch.testing.assert_close(z[j : j + 1], expected, atol=1e-5, rtol=1e-4)
+    # one latent per trajectory, as (B, 1), is the paper's sampler exactly
+    k1 = torch.tensor([3, 0, 6])
+    assert all(torch.equal(a, b) for a, b in zip(sample_to_k(unet, scheduler, z_T, c_cond, c_uncond, 3.0, k1),
+                                                 sample_to_k(unet, scheduler, z_T, c_cond, c_uncond, 3.0, k1[:, None])))

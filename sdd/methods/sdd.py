@@ -100,9 +100,15 @@ class SDDSettings:
     preserve_prompts: list[str] = field(default_factory=list)  # predictions held at the frozen original's
     preserve_weight: float = 1.0  # lambda of the preservation term (used only with preserve_prompts)
     adversarial: AdversarialSettings = field(default_factory=AdversarialSettings)
+    # training latents from one teacher trajectory (not in the papers; 1: the paper's loop, one latent per
+    # trajectory): R > 1 draws R values of k for each trajectory, runs it to the largest and takes its latent after
+    # each, so a batch of B latents costs B / R trajectories; every latent's k has the same distribution as with 1
+    latents_per_trajectory: int = 1
 
     def __post_init__(self) -> None:
         check(self.ddim_steps >= 1, "sdd.ddim_steps", f"must be >= 1, got {self.ddim_steps}")
+        check(self.latents_per_trajectory >= 1, "sdd.latents_per_trajectory",
+              f"must be >= 1, got {self.latents_per_trajectory}")
         check(0.0 <= self.ema_decay < 1.0, "sdd.ema_decay", f"must lie in [0, 1), got {self.ema_decay}")
         check(self.beta_a > 0 and self.beta_b > 0, "sdd.beta_a/beta_b", "must be > 0")
         check(self.preserve_weight >= 0, "sdd.preserve_weight", f"must be >= 0, got {self.preserve_weight}")
@@ -114,6 +120,11 @@ class SDDConfig(common.FineTuningConfig):
     method: Literal["sdd"] = "sdd"
     output_dir: str = "outputs/sdd"
     sdd: SDDSettings = field(default_factory=SDDSettings)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.train.batch_size % self.sdd.latents_per_trajectory == 0, "sdd.latents_per_trajectory",
+              f"must divide train.batch_size ({self.train.batch_size}), got {self.sdd.latents_per_trajectory}")
 
 
 # --- the method ----------------------------------------------------------------------------------------------
@@ -161,23 +172,27 @@ class SDDMethod:
         self.adversary = Adversary(self.base, s.adversarial, sampler_texts[0]) if s.adversarial.every else None
 
     def draw(self, micro_step: int, generator: torch.Generator):
-        """A micro-step's random draws: initial noise z_T, teacher steps k, concept index per latent."""
+        """A micro-step's random draws: initial noise z_T and concept index per teacher trajectory, teacher steps k
+        per latent (shape (B,), or (B / R, R) with R = ``sdd.latents_per_trajectory`` > 1)."""
         s, batch = self.cfg.sdd, self.cfg.train.batch_size
-        z_T = torch.randn((batch, *self.latent_shape), generator=generator)
+        trajectories = batch // s.latents_per_trajectory
+        z_T = torch.randn((trajectories, *self.latent_shape), generator=generator)
         k = sample_k(batch, s.ddim_steps, generator, s.k_distribution, (s.beta_a, s.beta_b))
-        offset = common.sample_offset(micro_step, self.process_index, self.num_processes, batch)
+        if s.latents_per_trajectory > 1:
+            k = k.view(trajectories, s.latents_per_trajectory)
+        offset = common.sample_offset(micro_step, self.process_index, self.num_processes, trajectories)
         n_concepts = max(len(self.student_texts), len(self.sampler_texts))
-        return z_T, k, concept_indices(s.concept_schedule, n_concepts, batch, offset, generator)
+        return z_T, k, concept_indices(s.concept_schedule, n_concepts, trajectories, offset, generator)
 
     def sample_latents(self, model, z_T, k, idx):
         """z_t sampled by the EMA teacher toward c_p (``model``, the student, does not sample), its timesteps, and
-        the conditionings the student needs (c_uncond, c_s)."""
+        the conditionings the student needs (c_uncond, c_s), one per latent."""
         s = self.cfg.sdd
         c_uncond, c_p, c_s = self.conditioning(idx)
         z_T = z_T.to(c_uncond.device)
         with sampling_autocast(c_uncond.device, self.cfg.perf.teacher_precision):
             z_t, t = sample_to_k(self.teacher, self.scheduler, z_T, c_p, c_uncond, s.guidance_scale, k)
-        return z_t.float(), t, c_uncond, c_s
+        return z_t.float(), t, c_uncond, c_s.repeat_interleave(s.latents_per_trajectory, 0)
 
     def conditioning(self, idx: torch.Tensor):
         """(c_uncond, c_p, c_s) for concept indices ``idx``."""
@@ -227,6 +242,7 @@ class SDDMethod:
             loss = loss + self.cfg.sdd.preserve_weight * keep
         if self.adversary is not None:
             a = self.cfg.sdd.adversarial
+            idx = idx.repeat_interleave(self.cfg.sdd.latents_per_trajectory)  # the concept of each latent
             step = micro_step // self.cfg.train.gradient_accumulation_steps
             first_micro = micro_step % self.cfg.train.gradient_accumulation_steps == 0
             if first_micro and step >= a.warmup and (step - a.warmup) % a.every == 0:
