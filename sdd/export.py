@@ -112,8 +112,7 @@ def export_model(
     dtype: str = "fp32",
 ) -> dict[str, str]:
     """Write the export of ``unet`` (with ``base``'s VAE, text encoder, tokenizer and scheduler); return the paths."""
-    from diffusers import StableDiffusionPipeline
-
+    StableDiffusionPipeline = base.family.pipeline_class()  # the family's stock pipeline (sdd.families)
     if base.vae is None:
         raise UserError("export: the model has no VAE, so no pipeline can be written")
     torch_dtype = DTYPES[dtype]
