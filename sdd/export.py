@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from sdd.errors import UserError
 from sdd.files import atomic_path, reporting_write_failures, write_text
-from sdd.models import SDComponents
+from sdd.models import BUILT_IN_MODELS, SDComponents
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -38,7 +38,7 @@ class ModelCard:
 
 
 def _card_text(card: ModelCard, has_pipeline: bool, has_lora: bool) -> str:
-    hub_base = card.base_model if card.base_model not in ("tiny", "shapes") else None
+    hub_base = card.base_model if card.base_model not in BUILT_IN_MODELS else None
     front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image"]
     if hub_base and not os.path.isdir(hub_base):
         front.append(f"base_model: {hub_base}")

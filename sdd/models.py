@@ -20,6 +20,7 @@ from sdd.errors import UserError
 
 TOKENIZER_DIR = str(resources.files("sdd") / "assets" / "clip-tokenizer")
 SHAPES_MODEL_DIR = str(resources.files("sdd") / "assets" / "shapes-base")
+BUILT_IN_MODELS = ("tiny", "tiny-sd2v", "shapes", "sd15-random")  # names model.pretrained builds or ships
 
 
 @dataclass
@@ -262,7 +263,7 @@ def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae
         raise UserError(f"model.pretrained: no such model folder: {pretrained}")
     if not is_local and "/" not in pretrained:
         raise UserError(
-            f"model.pretrained: unknown model '{pretrained}' (built in: tiny, tiny-sd2v, shapes, sd15-random; "
+            f"model.pretrained: unknown model '{pretrained}' (built in: {', '.join(BUILT_IN_MODELS)}; "
             "or a diffusers model folder or a hub id owner/name)"
         )
     if is_local:

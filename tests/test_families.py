@@ -249,6 +249,7 @@ def test_training_on_tiny_sd2v_exports_a_v_pipeline_that_loads_and_generates(tmp
     if finetune == "lora":
         args += ["train.lr=5e-2", "sdd.ema_decay=0.0"]
     assert load_script(script).main(args).steps == 2
+    assert "base_model:" not in (out / "README.md").read_text()  # a model built in code is no hub id
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.tokenizer.pad_token == "!"
     pipe.set_progress_bar_config(disable=True)

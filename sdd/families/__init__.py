@@ -13,7 +13,7 @@ and pipeline class, the text encoder's depth and activation being config. See do
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -53,11 +53,13 @@ class Prediction:
     """
 
     kind: str  # "epsilon" or "v_prediction"
-    alphas_cumprod: torch.Tensor  # (T,) of the model's training schedule
+    alphas_cumprod: Optional[torch.Tensor]  # (T,) of the model's training schedule (None: a scheduler without one)
 
     def coefficients(self, t, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a_t, s_t) shaped to broadcast over ``like`` (B, ...); ``t`` a number or a (B,) tensor. A fractional
         t (Euler grids) takes s/a interpolated linearly in t, as Euler's sigmas are."""
+        if self.alphas_cumprod is None:
+            raise UserError("model: its scheduler has no alphas_cumprod, so its prediction cannot be converted")
         ac = self.alphas_cumprod.to(torch.float64)
         t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu()
         sigma = ((1 - ac) / ac).sqrt()
@@ -95,7 +97,7 @@ def prediction_of(scheduler) -> Prediction:
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind not in PREDICTION_TYPES:
         raise UserError(f"model: prediction_type '{kind}' is not supported (supported: {', '.join(PREDICTION_TYPES)})")
-    return Prediction(kind, scheduler.alphas_cumprod)
+    return Prediction(kind, getattr(scheduler, "alphas_cumprod", None))
 
 
 def family(name: str) -> ModelFamily:

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from sdd.params import SELECTORS
-from sdd.sampling import encode_prompts
+from sdd.sampling import encode_prompts, unet_denoise
 
 
 class StableDiffusion:
@@ -25,7 +25,7 @@ class StableDiffusion:
         return encode_prompts(components.tokenizer, components.text_encoder, prompts, device)
 
     def denoise(self, unet, z: torch.Tensor, t, conditioning: torch.Tensor) -> torch.Tensor:
-        return unet(z, t, encoder_hidden_states=conditioning).sample
+        return unet_denoise(unet, z, t, conditioning)
 
     def pipeline_class(self) -> type:
         from diffusers import StableDiffusionPipeline
