@@ -32,12 +32,14 @@ class SDComponents:
     vae: Optional[AutoencoderKL]
     source: str  # what `model.pretrained` named
     family_name: str = "sd"  # its model family (sdd.families): how to encode, call the denoiser, export
+    text_encoder_2: Optional[torch.nn.Module] = None  # SDXL's second text encoder (with projection)
+    tokenizer_2: Optional[CLIPTokenizer] = None
 
     @property
     def family(self):
         from sdd.families import family
 
-        return family(self.family_name)
+        return family(self.family_name, self)
 
     @property
     def prediction(self):
@@ -61,7 +63,7 @@ class SDComponents:
         return self.unet.config.sample_size * self.vae_scale_factor
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "SDComponents":
-        for module in (self.unet, self.text_encoder, self.vae):
+        for module in (self.unet, self.text_encoder, self.text_encoder_2, self.vae):
             if module is not None:
                 module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
         return self
@@ -188,6 +190,58 @@ def build_tiny_sd2v(seed: int = 0, sample_size: int = 16) -> SDComponents:
         module.eval()
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!")
     return SDComponents(unet, text_encoder, tokenizer, scheduler, vae, source="tiny-sd2v")
+
+
+def build_tiny_sdxl(seed: int = 0, sample_size: int = 16) -> SDComponents:
+    """A randomly initialised SDXL-shaped model: the tiny UNet with ``text_time`` added conditioning, two CLIP text
+    encoders (the second with a projection, ``"!"`` padding) and SDXL's Euler scheduler. Deterministic for a seed."""
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+
+    def text_config(**extra):
+        return CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5,
+                              num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
+                              eos_token_id=49407, projection_dim=32, **extra)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # time ids + the pooled projection
+            cross_attention_dim=64,  # the two encoders' widths, concatenated
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=32,
+            sample_size=sample_size * 2,
+        )
+        text_encoder = CLIPTextModel(text_config(hidden_act="quick_gelu", pad_token_id=49407))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden_act="gelu", pad_token_id=0))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval()
+    return SDComponents(unet, text_encoder, load_tokenizer(), scheduler, vae, source="tiny-sdxl", family_name="sdxl",
+                        text_encoder_2=text_encoder_2,
+                        tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"))
 
 
 def build_sd15_random(seed: int = 0) -> SDComponents:

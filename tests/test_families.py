@@ -14,7 +14,7 @@ from sdd.families import Prediction, family, prediction_of
 from sdd.generation import Request, generate
 from sdd.methods.esd import esd_target
 from sdd.methods.sdd import sdd_loss
-from sdd.models import build_tiny_sd, build_tiny_sd2v, load_components
+from sdd.models import build_tiny_sd, build_tiny_sd2v, build_tiny_sdxl, load_components
 from sdd.sampling import encode_prompts, sample_to_k
 
 
@@ -36,8 +36,8 @@ def test_sd1_is_the_sd_family_and_predicts_epsilon():
     out = torch.randn(2, 4, 16, 16)
     assert tiny.prediction.to_epsilon(out, x, 500) is out  # an epsilon model's numbers never pass through it
     assert tiny.prediction.from_epsilon(out, x, 500) is out
-    with pytest.raises(UserError, match="unknown model family 'sdxl'"):
-        family("sdxl")
+    with pytest.raises(UserError, match="unknown model family 'flux'"):
+        family("flux")
 
 
 def test_tiny_sd2v_is_sd2_shaped_deterministic_and_predicts_v(sd2v):
@@ -267,3 +267,56 @@ def test_training_on_tiny_sd2v_exports_a_v_pipeline_that_loads_and_generates(tmp
     if finetune == "lora":
         base.load_lora_weights(str(out / "lora"))
         assert abs(image(base) - erased).max() < 1e-4  # the adapters are the merged export
+
+
+# --- SDXL (started: encoding and generation) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    m = build_tiny_sdxl()
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2,
+                                     tokenizer=m.tokenizer, tokenizer_2=m.tokenizer_2, unet=m.unet,
+                                     scheduler=m.scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return m, pipe
+
+
+def test_sdxl_conditioning_is_the_pipelines(sdxl):
+    m, pipe = sdxl
+    assert m.family.name == "sdxl" and m.family.pipeline_class() is type(pipe)
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a cat", do_classifier_free_guidance=True)
+    c = m.family.encode(m, ["a cat", "", "a dog"])
+    assert c.shape == (3, 78, 64)  # 77 token rows of both encoders' penultimate states, one row for the pooled
+    torch.testing.assert_close(c[0, :-1], embeds[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(c[0, -1, :32], pooled[0], atol=1e-6, rtol=1e-6)
+    assert c[0, -1, 32:].abs().max() == 0
+    # force_zeros_for_empty_prompt: the unconditional branch is zeros, not the encoding of ""
+    assert negative.abs().max() == 0 and negative_pooled.abs().max() == 0 and c[1].abs().max() == 0
+
+
+@pytest.mark.parametrize("size", [None, (48, 32)])
+def test_sdxl_cfg_generation_equals_the_stock_pipeline(sdxl, size):
+    m, pipe = sdxl
+    height, width = size or (None, None)
+    ref = pipe("a cat", num_inference_steps=4, guidance_scale=5.0, height=height, width=width,
+               generator=torch.Generator().manual_seed(0), output_type="pt").images[0]
+    ours = generate(m, [Request("a cat", seed=0, guidance_scale=5.0, height=height, width=width)],
+                    num_inference_steps=4, output_type="pt")[0]
+    assert ref.shape[-2:] == ((height, width) if size else (32, 32))  # the time ids follow the image size
+    assert ((ours.clamp(-1, 1) + 1) / 2 - ref).abs().max().item() < 1e-5
+
+
+def test_sdxl_sld_with_zero_safety_scale_is_cfg(sdxl):
+    from sdd.methods.inference import generate_with_method
+
+    m, _ = sdxl
+    request = [Request("a photo of a person", seed=2)]
+    cfg = generate(m, request, num_inference_steps=3, output_type="latent")[0]
+    sld = generate_with_method(m, request, "sld-max", "nudity", settings={"sld_guidance_scale": 0},
+                               num_inference_steps=3, output_type="latent")[0]
+    assert (sld - cfg).abs().max().item() < 1e-5
+    moved = generate_with_method(m, request, "sld-max", "nudity", num_inference_steps=3, output_type="latent")[0]
+    assert (moved - cfg).abs().max().item() > 1e-3

@@ -7,7 +7,8 @@ the model (its scheduler's ``prediction_type``), and :class:`Prediction` turns a
 (x_t, t) and back; the scheduler step is the model's own scheduler's ``step``, which reads the same field.
 
 ``sd`` (:mod:`sdd.families.sd`) serves SD-1.x (epsilon) and SD-2.x (epsilon or v-prediction): the same UNet call
-and pipeline class, the text encoder's depth and activation being config. See docs/METHODS.md section 11.
+and pipeline class, the text encoder's depth and activation being config. ``sdxl`` (:mod:`sdd.families.sdxl`):
+two text encoders, pooled embeddings and time ids (generation so far). See docs/METHODS.md section 10.
 """
 
 from __future__ import annotations
@@ -100,11 +101,12 @@ def prediction_of(scheduler) -> Prediction:
     return Prediction(kind, getattr(scheduler, "alphas_cumprod", None))
 
 
-def family(name: str) -> ModelFamily:
-    """The family called ``name``."""
-    from sdd.families import sd
+def family(name: str, components=None) -> ModelFamily:
+    """The family called ``name`` (for ``sdxl``, bound to ``components``: its VAE factor gives the time ids)."""
+    from sdd.families import sd, sdxl
 
-    families = {sd.FAMILY.name: sd.FAMILY}
-    if name not in families:
-        raise UserError(f"model: unknown model family '{name}' (known: {', '.join(sorted(families))})")
-    return families[name]
+    if name == sd.FAMILY.name:
+        return sd.FAMILY
+    if name == sdxl.StableDiffusionXL.name:
+        return sdxl.StableDiffusionXL(components.vae_scale_factor if components is not None else 8)
+    raise UserError(f"model: unknown model family '{name}' (known: sd, sdxl)")
