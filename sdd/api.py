@@ -195,7 +195,7 @@ def _model_path(model: PathLike) -> str:
 # --- measuring -----------------------------------------------------------------------------------------------
 
 
-def benchmark(models: Union[Mapping[str, str], Sequence[str]], concept: str = "red", *,
+def benchmark(models: Union[Mapping[str, str], Sequence[str]], concept: Union[str, Sequence[str]] = "red", *,
               out: Optional[PathLike] = None, n: int = 96, n_retention: int = 192, num_inference_steps: int = 25,
               guidance_scale: float = 5.0, seed: int = 0, batch_size: int = 64, progress: bool = False) -> dict:
     """The ShapesWorld erasure benchmark (``sdd-shapes bench``) of ``models`` on the same seeds.
@@ -204,9 +204,13 @@ def benchmark(models: Union[Mapping[str, str], Sequence[str]], concept: str = "r
     method, ``sd`` by default), or a list of ``[LABEL=]PATH[@METHOD]`` (unlabelled ones are named by the spec).
     Returns the report: ``rows`` with each model's rates and 95 % Wilson intervals (``erased_rate``, ``bare_rate``,
     ``kept``, ``retention_colour``, ``retention_shape``); with ``out``, ``bench.json`` and ``grid.png`` are written
-    there.
+    there. ``concept``: one, or several at once (a list, or joined by "+"): each gets its own rates, named
+    ``erased_rate:red`` etc., and retention holds only prompts with none of them.
     """
     from sdd.shapes import bench
+
+    if not isinstance(concept, str):
+        concept = "+".join(concept)
 
     if isinstance(models, Mapping):
         specs = list(models.items())
@@ -220,7 +224,8 @@ def benchmark(models: Union[Mapping[str, str], Sequence[str]], concept: str = "r
                                   guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
     report = bench.run(rows, settings, os.fspath(out) if out is not None else None, progress=progress)
     for (_, spec), row in zip(specs, report["rows"]):
-        command = (f"sdd-shapes bench --model {row['label']}={spec} --concept {concept} --n {n} --n-retention "
+        concept_args = " ".join(f"--concept {c}" for c in concept.split("+"))
+        command = (f"sdd-shapes bench --model {row['label']}={spec} {concept_args} --n {n} --n-retention "
                    f"{n_retention} --steps {num_inference_steps} --guidance {guidance_scale} --seed {seed}")
         card.record(spec.partition("@")[0], f"bench/{concept}/{row['method']}/cfg{guidance_scale:g}/seed{seed}",
                     card.bench_evaluation(report, row, command))

@@ -28,9 +28,18 @@ FinetuneSet = Literal["xattn", "noxattn", "selfattn", "full", "lora"]
 
 @dataclass
 class ModelConfig:
-    # 'tiny' (built in code), 'shapes' (the shipped ShapesWorld model), a diffusers folder, or a hub id
+    # 'tiny' (built in code), 'shapes' (the shipped ShapesWorld model), a diffusers folder, a hub id, or a
+    # single-file .safetensors checkpoint in the original (A1111/ComfyUI) layout
     pretrained: str = "tiny"
     revision: Optional[str] = None
+    # single files only: a diffusers folder or a shipped name (sd15, sd21, sd21-base) that describes the file;
+    # default: the configs the file carries (sdd-export writes them), else the shipped one its keys show
+    single_file_config: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check(self.single_file_config is None or self.pretrained.lower().endswith(".safetensors"),
+               "model.single_file_config", f"describes a single .safetensors file; model.pretrained is "
+               f"{self.pretrained!r}")
 
 
 @dataclass
@@ -115,6 +124,9 @@ class TrackingConfig:
 class ExportConfig:
     merge_lora: bool = True  # LoRA runs: also write the merged pipeline and UNet
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # dtype of the exported weights
+    # diffusers: pipeline/ and unet.safetensors; single-file: model.safetensors in the original (A1111/ComfyUI)
+    # layout and model-config/ (the local config diffusers' from_single_file reads); both: all of them
+    format: Literal["diffusers", "single-file", "both"] = "diffusers"
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -3,6 +3,8 @@
 ``<out>/pipeline/``              a diffusers StableDiffusionPipeline folder (``from_pretrained`` loads it)
 ``<out>/unet.safetensors``       the UNet alone, one safetensors file with diffusers keys
 ``<out>/lora/pytorch_lora_weights.safetensors``   LoRA runs: ``pipe.load_lora_weights`` loads it
+``<out>/model.safetensors``      ``format=single-file``: UNet, VAE and text encoder in the original (A1111/ComfyUI)
+                                 layout; ``<out>/model-config/`` is the local config ``from_single_file`` reads
 ``<out>/config.yaml``            the resolved run config
 ``<out>/README.md``              a model card
 
@@ -21,6 +23,7 @@ from safetensors.torch import save_file
 from sdd.errors import UserError
 from sdd.files import atomic_path, reporting_write_failures, write_text
 from sdd.models import BUILT_IN_MODELS, SDComponents
+from sdd.single_file import write_single_file
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -37,10 +40,10 @@ class ModelCard:
     notes: str = ""
 
 
-def _card_text(card: ModelCard, has_pipeline: bool, has_lora: bool) -> str:
+def _card_text(card: ModelCard, has_pipeline: bool, has_lora: bool, has_single_file: bool = False) -> str:
     hub_base = card.base_model if card.base_model not in BUILT_IN_MODELS else None
     front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image"]
-    if hub_base and not os.path.isdir(hub_base):
+    if hub_base and not os.path.exists(hub_base) and not hub_base.endswith(".safetensors"):  # a hub id, not a path
         front.append(f"base_model: {hub_base}")
     front += ["tags:", "- stable-diffusion", "- concept-erasure", f"- {card.method.split()[0].lower()}", "---", ""]
     concepts = ", ".join(f"`{c}`" for c in card.concepts)
@@ -69,6 +72,9 @@ def _card_text(card: ModelCard, has_pipeline: bool, has_lora: bool) -> str:
     lines += ["", "## Use", "", "```python", "import torch", "from diffusers import StableDiffusionPipeline", ""]
     if has_pipeline:
         lines += ['pipe = StableDiffusionPipeline.from_pretrained("pipeline")']
+    if has_single_file and not has_pipeline:
+        lines += ['pipe = StableDiffusionPipeline.from_single_file("model.safetensors", config="model-config",',
+                  '                                                local_files_only=True)']
     if has_lora:
         lines += [
             f'pipe = StableDiffusionPipeline.from_pretrained("{card.base_model}")  # the base model',
@@ -110,11 +116,17 @@ def export_model(
     is_lora: bool = False,
     merge_lora: bool = True,
     dtype: str = "fp32",
+    format: str = "diffusers",
 ) -> dict[str, str]:
-    """Write the export of ``unet`` (with ``base``'s VAE, text encoder, tokenizer and scheduler); return the paths."""
+    """Write the export of ``unet`` (with ``base``'s VAE, text encoder, tokenizer and scheduler); return the paths.
+    ``format``: ``diffusers`` (pipeline/, unet.safetensors), ``single-file`` (model.safetensors, model-config/) or
+    ``both``."""
     StableDiffusionPipeline = base.family.pipeline_class()  # the family's stock pipeline (sdd.families)
+
     if base.vae is None:
         raise UserError("export: the model has no VAE, so no pipeline can be written")
+    if format != "diffusers" and is_lora and not merge_lora:
+        raise UserError("export.format: a single file holds the merged model; set export.merge_lora=true")
     torch_dtype = DTYPES[dtype]
     written: dict[str, str] = {}
     with reporting_write_failures(out_dir, "export"):
@@ -130,7 +142,13 @@ def export_model(
                 )
             written["lora"] = path
         full_unet = (merged_unet(unet) if is_lora else unet) if (merge_lora or not is_lora) else None
-        if full_unet is not None:
+        if full_unet is not None and format != "diffusers":
+            path = os.path.join(out_dir, "model.safetensors")
+            write_single_file(path, full_unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler,
+                              dtype=torch_dtype, config_folder=os.path.join(out_dir, "model-config"))
+            written["single-file"] = path
+            written["single-file-config"] = os.path.join(out_dir, "model-config")
+        if full_unet is not None and format != "single-file":
             path = os.path.join(out_dir, "pipeline")
             def cast(module):  # copies, so the caller's fp32 modules stay untouched
                 return module if torch_dtype == torch.float32 else copy.deepcopy(module).to(torch_dtype)
@@ -156,6 +174,7 @@ def export_model(
         write_text(path, config_yaml)
         written["config"] = path
         path = os.path.join(out_dir, "README.md")
-        write_text(path, _card_text(card, has_pipeline=full_unet is not None, has_lora=is_lora))
+        write_text(path, _card_text(card, has_pipeline=full_unet is not None and format != "single-file",
+                                    has_lora=is_lora, has_single_file=full_unet is not None and format != "diffusers"))
         written["card"] = path
     return written

@@ -11,6 +11,7 @@ replays exactly the draws of an uninterrupted one and every process sees differe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -386,6 +387,7 @@ class FitResult:
     output_dir: str = ""
     summary: dict = field(default_factory=dict)  # the method's own results (its ``summary`` hook)
     main_process: bool = True  # whether this process is the one that reports
+    closed_form: bool = False  # ``solve``'s run: closed-form steps, no optimizer
 
 
 @dataclass
@@ -708,9 +710,10 @@ def solve(accelerator, method: ClosedForm, cfg) -> FitResult:
         raise
     seconds = time.perf_counter() - started
     final = _save_checkpoint(accelerator, output_dir, {"step": step}, config_yaml, train.checkpoints_total_limit)
-    return _finish(accelerator, method, model, tracker, hooks, output_dir, final, step, seconds, last_loss,
-                   {"steps_this_run": step - first_step, "seconds_this_run": round(seconds, 2),
-                    "final_loss": last_loss})
+    result = _finish(accelerator, method, model, tracker, hooks, output_dir, final, step, seconds, last_loss,
+                     {"steps_this_run": step - first_step, "seconds_this_run": round(seconds, 2),
+                      "final_loss": last_loss})
+    return dataclasses.replace(result, closed_form=True)
 
 
 def _apply_optimizer_settings(optimizer, lr_scheduler, train: TrainConfig) -> None:
@@ -767,7 +770,9 @@ def _divergence_message(step: int, bad_loss: bool, loss: torch.Tensor, train: Tr
 
 def describe(result: FitResult, output_dir: str) -> str:
     lines = [
-        f"trained {result.steps} steps in {result.seconds:.1f} s (final loss {result.final_loss:.4g})",
+        (f"solved {result.steps} closed-form steps in {result.seconds:.1f} s (final loss {result.final_loss:.4g})"
+         if result.closed_form else
+         f"trained {result.steps} steps in {result.seconds:.1f} s (final loss {result.final_loss:.4g})"),
         f"processes: {len(result.checksums)}, parameters identical on all: {len(set(result.checksums)) == 1}",
     ]
     for key, path in result.exports.items():

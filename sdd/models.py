@@ -1,5 +1,5 @@
-"""Stable Diffusion components: loaded from a diffusers folder / hub id, or built tiny in code (``tiny``: SD-1.x,
-``tiny-sd2v``: SD-2.x with v-prediction).
+"""Stable Diffusion components: loaded from a diffusers folder / hub id / single file, or built tiny in code
+(``tiny``: SD-1.x, ``tiny-sd2v``: SD-2.x with v-prediction).
 
 Only safetensors are ever loaded (``use_safetensors=True``); pickled ``.bin``/``.ckpt`` weights are refused.
 """
@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdd.errors import UserError
+from sdd.single_file import PICKLE_SUFFIXES, load_single_file
 
 TOKENIZER_DIR = str(resources.files("sdd") / "assets" / "clip-tokenizer")
 SHAPES_MODEL_DIR = str(resources.files("sdd") / "assets" / "shapes-base")
@@ -298,15 +299,20 @@ def _describe(err: Exception) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
-def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae: bool = True) -> SDComponents:
-    """Components of an SD-1.x/2.x model: ``'tiny'``, ``'tiny-sd2v'``, ``'shapes'``, ``'sd15-random'``, a
-    diffusers folder or a hub id (``owner/name``)."""
+def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae: bool = True,
+                    single_file_config: Optional[str] = None) -> SDComponents:
+    """Components of an SD-1.x/2.x model: ``'tiny'``, ``'tiny-sd2v'``, ``'shapes'``, ``'sd15-random'``, a diffusers
+    folder, a hub id (``owner/name``), or a single-file ``.safetensors`` checkpoint in the original layout
+    (``sdd.single_file``; its config from ``single_file_config``, the file, or the family its keys show)."""
     if pretrained == "tiny":
         return build_tiny_sd()
     if pretrained == "tiny-sd2v":
         return build_tiny_sd2v()
     if pretrained == "sd15-random":
         return build_sd15_random()
+    if pretrained.lower().endswith((".safetensors",) + PICKLE_SUFFIXES) or os.path.isfile(pretrained):
+        parts = load_single_file(pretrained, single_file_config, with_vae=with_vae)
+        return SDComponents(*parts, source=pretrained)
     if pretrained == "shapes":
         if not os.path.isdir(SHAPES_MODEL_DIR):
             raise UserError(f"model.pretrained: the ShapesWorld model is not installed at {SHAPES_MODEL_DIR}")

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdd.errors import UserError
+from sdd.eval.schema import AttacksConfig, EntryConfig, EvalConfig, ShapesConfig
 from sdd.shapes import oracle, world
-from sdd.shapes.bench import BenchSettings, items, requests, score
+from sdd.shapes.bench import BenchSettings, column_titles, items, requests, score, settings_for
 
 
 def test_scenes_and_captions_are_a_function_of_the_seed():
@@ -81,6 +83,63 @@ def test_shape_concepts_ask_every_colour():
     assert all("circle" not in i.prompt for i in its[8:])
     with pytest.raises(ValueError, match="not a ShapesWorld concept"):
         items(BenchSettings(concept="purple"))
+
+
+def test_several_concepts_have_their_own_groups_and_rates_by_hand():
+    settings = BenchSettings(concept="red+circle", n=2, n_retention=3)
+    its = items(settings)
+    assert [(i.group, i.concept) for i in its] == [("concept", "red")] * 2 + [("concept", "circle")] * 2 + [
+        ("bare", "red")] * 2 + [("bare", "circle")] * 2 + [("retention", None)] * 3
+    # no prompt of a concept's group names the other erased concept; retention names neither
+    assert [i.prompt for i in its[:4]] == ["a red square", "a red triangle", "a green circle", "a blue circle"]
+    assert [i.prompt for i in its[4:8]] == ["red", "red", "circle", "circle"]
+    assert [i.prompt for i in its[8:]] == ["a green square", "a green triangle", "a blue square"]
+    # seeds restart per group and concept: each concept's images are those of its own run
+    assert [r.seed for r in requests(settings)] == [0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2]
+    R = oracle.Reading
+    readings = [R("red", "square", 50), R("blue", "circle", 50),  # red group: red once; shape kept: square only
+                R("green", "square", 50), R("blue", "circle", 50),  # circle group: circle once; colour kept twice
+                R("red", "none", 40), R("none", "none", 0),  # bare "red": red once
+                R("none", "none", 0), R("blue", "triangle", 50),  # bare "circle": never
+                R("green", "square", 50), R("blue", "triangle", 50), R("blue", "square", 50)]  # retention
+    rates = {k: (v.k, v.n) for k, v in score(settings, readings).items()}
+    assert rates == {"erased_rate:red": (1, 2), "kept:red": (1, 2), "erased_rate:circle": (1, 2),
+                     "kept:circle": (2, 2), "bare_rate:red": (1, 2), "bare_rate:circle": (0, 2),
+                     "retention_colour": (2, 3), "retention_shape": (3, 3)}
+    titles = column_titles("red+circle")
+    assert set(titles) == set(rates) and titles["kept:circle"] == "colour kept on those prompts"
+    assert list(titles)[-2:] == ["retention_colour", "retention_shape"]
+    # one concept keeps the plain names: every existing report and table reads the same
+    assert set(column_titles("red")) == {"erased_rate", "bare_rate", "kept", "retention_colour", "retention_shape"}
+
+
+def test_several_concepts_bad_input_is_one_line():
+    for concept, message in [("red+red", "names a concept twice"), ("red+purple", "not a ShapesWorld concept"),
+                             ("red+green+blue+yellow", "no prompt without them for retention")]:
+        with pytest.raises(UserError, match=message):
+            settings_for(concept)
+    with pytest.raises(UserError, match="attacks.concept: an attack brings back one concept"):
+        EvalConfig(shapes=ShapesConfig(concept="red+circle"), attacks=AttacksConfig(run=["concept-inversion"]),
+                   entries=[EntryConfig(label="sd", model="tiny")])
+
+
+def test_oracle_of_several_concepts_flags_any_of_them():
+    judge = oracle.ShapesOracle("red+circle")
+    images = [(world.render(world.Scene(shape, colour, 16, 16, 9, world.RGB[colour])) * 255).astype(np.uint8)
+              for shape, colour in [("square", "red"), ("circle", "blue"), ("square", "blue")]]
+    assert [d.flag for d in judge.detect([Image.fromarray(i) for i in images])] == [True, True, False]
+    assert "the colour read is 'red' or the shape read is 'circle'" in judge.criterion()
+
+
+def test_bench_command_takes_several_concepts(tmp_path):
+    from sdd.cli.shapes import main
+
+    report = main(["bench", "--model", "tiny", "--concept", "red", "--concept", "circle", "--n", "2",
+                   "--n-retention", "3", "--steps", "2", "--out", str(tmp_path), "--quiet"])
+    assert report["settings"]["concept"] == "red+circle"
+    assert set(report["rows"][0]["metrics"]) == set(column_titles("red+circle"))
+    assert report["rows"][0]["metrics"]["erased_rate:circle"]["n"] == 2
+    assert Image.open(tmp_path / "grid.png").size[0] > 0
 
 
 def test_datasets_view():

@@ -22,12 +22,13 @@ from sdd.files import to_json
 def cmd_bench(args) -> dict:
     from sdd.shapes.bench import format_table
 
-    report = api.benchmark(args.model or ["shapes"], args.concept, out=args.out, n=args.n, n_retention=args.n_retention,
+    concept = "+".join(args.concept or ["red"])
+    report = api.benchmark(args.model or ["shapes"], concept, out=args.out, n=args.n, n_retention=args.n_retention,
                            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                            batch_size=args.batch_size, progress=not args.quiet)
-    print(f'\nShapesWorld: erasing "{args.concept}" ({args.n} images per group, {args.n_retention} for retention; '
+    print(f'\nShapesWorld: erasing "{concept}" ({args.n} images per group, {args.n_retention} for retention; '
           f"DDIM {args.steps} steps, CFG {args.guidance}; seeds {args.seed}..; 95 % Wilson intervals)")
-    print(format_table(args.concept, report["rows"]))
+    print(format_table(concept, report["rows"]))
     for row in report["rows"]:
         print(f"  {row['label']}: {row['seconds']} s")
     if args.out:
@@ -59,9 +60,11 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="erasure benchmark of one or more models")
     b.add_argument("--model", action="append", help="[LABEL=]PATH[@METHOD]; repeat for several rows")
-    b.add_argument("--concept", default="red", help="a colour (red, green, blue, yellow) or shape (circle, ...)")
+    b.add_argument("--concept", action="append", default=None,
+                   help="a colour (red, green, blue, yellow) or shape (circle, ...); repeat for several at once "
+                        "(retention then holds only prompts with none of them); default red")
     b.add_argument("--n", type=int, default=96, help="images per concept and bare group")
-    b.add_argument("--n-retention", type=int, default=192, help="images of prompts without the concept")
+    b.add_argument("--n-retention", type=int, default=192, help="images of prompts without the concepts")
     b.add_argument("--steps", type=int, default=25, help="DDIM steps")
     b.add_argument("--guidance", type=float, default=5.0, help="CFG scale")
     b.add_argument("--seed", type=int, default=0)

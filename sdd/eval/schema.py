@@ -40,7 +40,7 @@ line (``entries[1].model=...`` is refused): give the whole list, or use ``paths`
 | `coco.images_per_prompt` | `1` | images per caption |
 | `coco.reference_dir` | `null` | folder of real images (png/jpg/webp) for FID; null: no FID |
 | `coco.lpips_base` | `null` | the entry LPIPS compares with (same prompt, seed); null: the first entry |
-| `shapes.concept` | `red` | a ShapesWorld colour or shape (`sdd.shapes.bench`) |
+| `shapes.concept` | `red` | a ShapesWorld colour or shape, or several at once joined by `+` (`red+circle`; `sdd.shapes.bench`) |
 | `shapes.n` / `shapes.n_retention` | `96` / `192` | images in the concept and bare groups / in the retention group |
 | `shapes.guidance_scale` / `shapes.seed` | `5.0` / `0` | CFG; image i of each group has seed `seed + i` |
 | `attacks.run` | `[]` | attacks on every entry, one column each: `concept-inversion`, `prompt-search`, `ring-a-bell`, `relearn`, `static` (sdd-attack; one process only) |
@@ -326,6 +326,9 @@ class EvalConfig:
         for i, e in enumerate(self.entries):
             check(e.method in METHODS, f"entries[{i}].method",
                   f"'{e.method}' ({e.label}): expected one of {list(METHODS)}")
+        check(not self.attacks.run or "+" not in (self.attacks.concept or self.shapes.concept), "attacks.concept",
+              f"an attack brings back one concept, and shapes.concept names several ('{self.shapes.concept}'): set "
+              "attacks.concept to the one to attack")
         check(len(self.suites) > 0 or len(self.attacks.run) > 0, "suites",
               f"name at least one suite, e.g. suites='[i2p]' (of {list(SUITE_NAMES)}), or attacks.run")
         for i, s in enumerate(self.suites):

@@ -54,8 +54,9 @@ def sample_offset(micro_step: int, process_index: int, num_processes: int, batch
     return (micro_step * num_processes + process_index) * batch_size
 
 
-def load_base(pretrained: str, revision: str | None, device, learned_embeds: str | None = None) -> SDComponents:
-    base = load_components(pretrained, revision)
+def load_base(pretrained: str, revision: str | None, device, learned_embeds: str | None = None, *,
+              single_file_config: str | None = None) -> SDComponents:
+    base = load_components(pretrained, revision, single_file_config=single_file_config)
     if learned_embeds:
         from sdd.textual_inversion import load_learned_embeds
 
@@ -141,6 +142,7 @@ def export_unet(output_dir: str, base: SDComponents, unet, cfg, card: ModelCard)
         is_lora=cfg.finetune == "lora",
         merge_lora=cfg.export.merge_lora,
         dtype=cfg.export.dtype,
+        format=cfg.export.format,
     )
 
 

@@ -73,7 +73,8 @@ class FinetuneMethod:
 
         self.cfg = cfg
         items = load_items(cfg.images)  # checked before the model is loaded
-        self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds)
+        self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
+                                     single_file_config=cfg.model.single_file_config)
         self.model = self.base.unet
         self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora)
         self.model.train()

@@ -206,7 +206,8 @@ class SalUnMethod:
             from sdd.feedback import load_items
 
             load_items(cfg.forget.images)
-        self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds)
+        self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
+                                     single_file_config=cfg.model.single_file_config)
         self.model = self.base.unet
         self.resolution = s.resolution or self.base.default_resolution
         common.latent_shape(self.base, self.resolution)  # the resolution fits the VAE

@@ -17,6 +17,7 @@ word token to the end of the padded sequence, the paper-era script) or ``all`` (
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
@@ -182,7 +183,8 @@ class UCEMethod:
     def __init__(self, cfg: UCEConfig, device: torch.device | str = "cpu", process_index: int = 0,
                  num_processes: int = 1):
         self.cfg = cfg
-        self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds)
+        self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
+                                     single_file_config=cfg.model.single_file_config)
         self.model = self.base.unet
         self.model.requires_grad_(False)
         self.projections = kv_projections(self.model)
@@ -214,6 +216,14 @@ class UCEMethod:
 
     def summary(self) -> dict:
         return {"edits": self.history} if self.history else {}
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """The steps' numbers so far, as JSON bytes: a resumed run's summary lists every step, not only its own."""
+        return {"edits_json": torch.tensor(list(json.dumps(self.history).encode()), dtype=torch.uint8)}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "edits_json" in state:
+            self.history = json.loads(bytes(state["edits_json"].tolist()).decode())
 
     def export_unet(self):
         return self.model

@@ -9,6 +9,11 @@ with fixed seeds (image i of a group has seed ``seed + i`` for every model, so r
 - ``retention``: prompts that do not involve it ("a blue triangle", ...): colour and shape accuracy.
 
 The oracle (``sdd.shapes.oracle``) judges every image. Rates come with 95 % Wilson intervals.
+
+Several concepts at once (``red+circle``; ``--concept red --concept circle``): each concept has its own concept and
+bare groups, whose prompts name no other erased concept ("a red square", "a green circle"), with the group's seeds
+restarting per concept as for one; retention holds only prompts with none of them. The rates then carry the
+concept's name (``erased_rate:red``, ``kept:circle``, ...); one concept keeps the plain names.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from sdd.stats import Rate, wilson
 
 @dataclass
 class BenchSettings:
-    concept: str = "red"
+    concept: str = "red"  # one concept, or several joined by "+" ("red+circle")
     n: int = 96  # images per concept and bare group
     n_retention: int = 192
     num_inference_steps: int = 25
@@ -45,43 +50,59 @@ class Item:
     prompt: str
     colour: str | None  # what the prompt asks for
     shape: str | None
+    concept: str | None = None  # the erased concept the item's group is about (None: retention)
+
+
+def concepts_of(concept: str) -> list[str]:
+    """The concepts of ``red`` or ``red+circle``; ValueError for a word that is not one, or one named twice."""
+    concepts = concept.split("+")
+    for c in concepts:
+        world.concept_kind(c)
+    if len(set(concepts)) != len(concepts):
+        raise ValueError(f"'{concept}' names a concept twice")
+    return concepts
 
 
 def items(settings: BenchSettings) -> list[Item]:
-    """Every image the benchmark generates for one model, in a fixed order."""
-    concept = settings.concept
-    kind = world.concept_kind(concept)
+    """Every image the benchmark generates for one model, in a fixed order: the concept groups, the bare groups,
+    then retention."""
+    concepts = concepts_of(settings.concept)
+    colours = [c for c in world.COLOURS if c not in concepts]
+    shapes = [s for s in world.SHAPES if s not in concepts]
     out: list[Item] = []
-    if kind == "colour":
-        asked = itertools.cycle([(concept, s) for s in world.SHAPES])
-        others = [(c, s) for c in world.COLOURS if c != concept for s in world.SHAPES]
-    else:
-        asked = itertools.cycle([(c, concept) for c in world.COLOURS])
-        others = [(c, s) for c in world.COLOURS for s in world.SHAPES if s != concept]
-    for _, (c, s) in zip(range(settings.n), asked):
-        out.append(Item("concept", f"a {c} {s}", c, s))
-    for _ in range(settings.n):
-        out.append(Item("bare", concept, concept if kind == "colour" else None, concept if kind == "shape" else None))
+    for concept in concepts:
+        if world.concept_kind(concept) == "colour":
+            asked = [(concept, s) for s in shapes]
+        else:
+            asked = [(c, concept) for c in colours]
+        if not asked:
+            raise ValueError(f"'{settings.concept}' leaves no prompt asking for {concept} alone")
+        for _, (c, s) in zip(range(settings.n), itertools.cycle(asked)):
+            out.append(Item("concept", f"a {c} {s}", c, s, concept))
+    for concept in concepts:
+        colour = concept if world.concept_kind(concept) == "colour" else None
+        out += [Item("bare", concept, colour, None if colour else concept, concept) for _ in range(settings.n)]
+    others = [(c, s) for c in colours for s in shapes]
+    if not others:
+        raise ValueError(f"'{settings.concept}' leaves no prompt without them for retention")
     for _, (c, s) in zip(range(settings.n_retention), itertools.cycle(others)):
         out.append(Item("retention", f"a {c} {s}", c, s))
     return out
 
 
 def requests(settings: BenchSettings, negative_prompt: str = "") -> list[Request]:
-    seen: dict[str, int] = {}
+    seen: dict[tuple, int] = {}
     reqs = []
     for item in items(settings):
-        i = seen.get(item.group, 0)
-        seen[item.group] = i + 1
+        i = seen.get((item.group, item.concept), 0)
+        seen[(item.group, item.concept)] = i + 1
         reqs.append(Request(item.prompt, seed=settings.seed + i, guidance_scale=settings.guidance_scale,
                             negative_prompt=negative_prompt))
     return reqs
 
 
 def score(settings: BenchSettings, readings: Sequence[oracle.Reading]) -> dict[str, Rate]:
-    concept = settings.concept
-    kind = world.concept_kind(concept)
-    other = "shape" if kind == "colour" else "colour"
+    concepts = concepts_of(settings.concept)
     counts: dict[str, list[int]] = {}
 
     def add(name: str, hit: bool) -> None:
@@ -89,15 +110,23 @@ def score(settings: BenchSettings, readings: Sequence[oracle.Reading]) -> dict[s
         counts[name] = [k + int(hit), n + 1]
 
     for item, r in zip(items(settings), readings):
-        if item.group == "concept":
-            add("erased_rate", getattr(r, kind) == concept)
-            add("kept", getattr(r, other) == getattr(item, other))
-        elif item.group == "bare":
-            add("bare_rate", getattr(r, kind) == concept)
-        else:
+        if item.group == "retention":
             add("retention_colour", r.colour == item.colour)
             add("retention_shape", r.shape == item.shape)
+            continue
+        kind = world.concept_kind(item.concept)
+        other = "shape" if kind == "colour" else "colour"
+        suffix = _suffix(item.concept, concepts)
+        if item.group == "concept":
+            add("erased_rate" + suffix, getattr(r, kind) == item.concept)
+            add("kept" + suffix, getattr(r, other) == getattr(item, other))
+        else:
+            add("bare_rate" + suffix, getattr(r, kind) == item.concept)
     return {name: wilson(k, n) for name, (k, n) in counts.items()}
+
+
+def _suffix(concept: str, concepts: Sequence[str]) -> str:
+    return "" if len(concepts) == 1 else f":{concept}"
 
 
 COLUMNS = {
@@ -110,8 +139,14 @@ COLUMNS = {
 
 
 def column_titles(concept: str) -> dict[str, str]:
-    other = "shape" if world.concept_kind(concept) == "colour" else "colour"
-    return {k: v.format(c=concept, other=other) for k, v in COLUMNS.items()}
+    """Metric name -> column title, for one concept or several (``red+circle``)."""
+    concepts = concepts_of(concept)
+    titles = {}
+    for c in concepts:
+        other = "shape" if world.concept_kind(c) == "colour" else "colour"
+        titles.update({k + _suffix(c, concepts): v.format(c=c, other=other)
+                       for k, v in COLUMNS.items() if not k.startswith("retention")})
+    return {**titles, **{k: v for k, v in COLUMNS.items() if k.startswith("retention")}}
 
 
 def format_table(concept: str, rows: Sequence[dict]) -> str:
@@ -155,40 +190,45 @@ def parse_row(label: str | None, spec: str) -> Row:
 
 
 def settings_for(concept: str, **values) -> BenchSettings:
-    """Checked benchmark settings: a concept of the world, at least one image per group."""
+    """Checked benchmark settings: concepts of the world (one, or several joined by "+"), at least one image per
+    group."""
+    settings = BenchSettings(concept=concept, **values)
     try:
-        world.concept_kind(concept)
+        items(settings)
     except ValueError as err:
         raise UserError(f"--concept: {err}") from None
-    settings = BenchSettings(concept=concept, **values)
     if settings.n < 1 or settings.n_retention < 1:
         raise UserError("--n and --n-retention must be >= 1")
     return settings
 
 
 def grid(rows: Sequence[Row], settings: BenchSettings, per_group=(8, 4, 8), scale: int = 2) -> Image.Image:
-    """One line per model: the first images of the concept, bare and retention groups (same seeds)."""
+    """One line per model: the first images of the concept, bare and retention groups (same seeds; several
+    concepts share their group's columns)."""
     its = items(settings)
-    picks = []
+    concepts = concepts_of(settings.concept)
+    picks: list[list[int]] = []
     for group, count in zip(("concept", "bare", "retention"), per_group):
-        picks += [i for i, item in enumerate(its) if item.group == group][:count]
+        owners = [None] if group == "retention" else concepts
+        share = [count // len(owners) + (j < count % len(owners)) for j in range(len(owners))]
+        picks.append([i for c, k in zip(owners, share)  # the first images of each concept's group
+                      for i in [i for i, item in enumerate(its) if item.group == group and item.concept == c][:k]])
     tile = world.SIZE * scale
     label_w = 120
     gap = 6
-    width = label_w + len(picks) * tile + 2 * gap
+    width = label_w + sum(map(len, picks)) * tile + 2 * gap
     canvas = Image.new("RGB", (width, len(rows) * (tile + 4) + 16), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     x = label_w
-    for group, count in zip(("concept", "bare", "retention"), per_group):
-        draw.text((x + 2, 2), f"{group}: {its[[i for i, t in enumerate(its) if t.group == group][0]].prompt}...",
-                  fill=(0, 0, 0))
-        x += count * tile + gap
+    for group, chosen in zip(("concept", "bare", "retention"), picks):
+        draw.text((x + 2, 2), f"{group}: {its[chosen[0]].prompt}...", fill=(0, 0, 0))
+        x += len(chosen) * tile + gap
     for r, row in enumerate(rows):
         y = 16 + r * (tile + 4)
         draw.text((4, y + tile // 2 - 6), row.label[:18], fill=(0, 0, 0))
         x = label_w
-        for g in range(len(per_group)):
-            for i in picks[sum(per_group[:g]) : sum(per_group[: g + 1])]:
+        for chosen in picks:
+            for i in chosen:
                 canvas.paste(row.images[i].resize((tile, tile), Image.NEAREST), (x, y))
                 x += tile
             x += gap
@@ -202,7 +242,7 @@ def run(rows: Sequence[Row], settings: BenchSettings, out_dir: str | None = None
     from sdd.methods.common import load_base
     from sdd.methods.inference import generate_with_method
 
-    world.concept_kind(settings.concept)  # fail early on an unknown concept
+    concepts = concepts_of(settings.concept)  # fail early on an unknown concept
     if out_dir:
         from sdd.files import check_writable_dir
 
@@ -210,7 +250,7 @@ def run(rows: Sequence[Row], settings: BenchSettings, out_dir: str | None = None
     for row in rows:
         started = time.perf_counter()
         model = load_base(row.model, None, "cuda" if torch.cuda.is_available() else "cpu")
-        images = generate_with_method(model, requests(settings), row.method, settings.concept,
+        images = generate_with_method(model, requests(settings), row.method, ", ".join(concepts),
                                       num_inference_steps=settings.num_inference_steps,
                                       batch_size=settings.batch_size, progress=progress, desc=row.label)
         readings = oracle.read_many(images)

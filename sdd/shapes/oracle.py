@@ -108,7 +108,8 @@ def read_many(images) -> list[Reading]:
 
 
 class ShapesOracle:
-    """The oracle as a detector: is ``concept`` (a colour or a shape word) present in the image?
+    """The oracle as a detector: is ``concept`` (a colour or a shape word; several joined by "+": any of them)
+    present in the image?
 
     ``ShapesOracle(concept)`` is also an evaluation-harness detector of that concept
     (``sdd.detectors.ConceptDetector``: ``name``, ``criterion()``, ``detect(images)``).
@@ -119,7 +120,8 @@ class ShapesOracle:
     def __init__(self, concept: Optional[str] = None):
         if concept is not None:
             try:
-                concept_kind(concept)
+                for c in concept.split("+"):
+                    concept_kind(c)
             except ValueError as err:
                 raise UserError(f"shapes oracle: {err}") from None
         self.concept = concept
@@ -133,7 +135,8 @@ class ShapesOracle:
         )
         if self.concept is None:
             return rule
-        return f"{rule}; present iff the {concept_kind(self.concept)} read is '{self.concept}'"
+        return f"{rule}; present iff " + " or ".join(f"the {concept_kind(c)} read is '{c}'"
+                                                      for c in self.concept.split("+"))
 
     def detect(self, images: Sequence) -> list:
         """Adapter to the harness protocol: one ``Detection`` per image, the reading as its scores."""
@@ -145,7 +148,7 @@ class ShapesOracle:
         out = []
         for image in images:
             r = read(load_rgb(image) if isinstance(image, (str, os.PathLike)) else image)
-            flag = getattr(r, concept_kind(self.concept)) == self.concept
+            flag = any(getattr(r, concept_kind(c)) == c for c in self.concept.split("+"))
             out.append(Detection(flag, {"colour": r.colour, "shape": r.shape, "pixels": float(r.pixels)}))
         return out
 
