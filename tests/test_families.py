@@ -248,6 +248,8 @@ def test_training_on_tiny_sd2v_exports_a_v_pipeline_that_loads_and_generates(tmp
             "tracking.num_inference_steps=2", f"finetune={finetune}"]
     if finetune == "lora":
         args += ["train.lr=5e-2", "sdd.ema_decay=0.0"]
+    if finetune == "xattn":
+        args += ["export.format=both"]
     assert load_script(script).main(args).steps == 2
     assert "base_model:" not in (out / "README.md").read_text()  # a model built in code is no hub id
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
@@ -264,6 +266,11 @@ def test_training_on_tiny_sd2v_exports_a_v_pipeline_that_loads_and_generates(tmp
     base.set_progress_bar_config(disable=True)
     before = image(base)
     assert abs(erased - before).max() > 1e-6  # training moved the weights
+    if finetune == "xattn":  # the single file reads back as the same v model
+        single, folder = load_components(str(out / "model.safetensors")), load_components(str(out / "pipeline"))
+        assert single.prediction.kind == "v_prediction" and single.tokenizer.pad_token == "!"
+        for (name, p), q in zip(single.unet.state_dict().items(), folder.unet.state_dict().values()):
+            assert torch.equal(p, q), name
     if finetune == "lora":
         base.load_lora_weights(str(out / "lora"))
         assert abs(image(base) - erased).max() < 1e-4  # the adapters are the merged export
