@@ -327,3 +327,16 @@ def test_sdxl_sld_with_zero_safety_scale_is_cfg(sdxl):
     assert (sld - cfg).abs().max().item() < 1e-5
     moved = generate_with_method(m, request, "sld-max", "nudity", num_inference_steps=3, output_type="latent")[0]
     assert (moved - cfg).abs().max().item() > 1e-3
+
+
+def test_the_evaluation_runs_on_tiny_sd2v(tmp_path):
+    from sdd.cli.eval import main
+
+    out = tmp_path / "eval"
+    main(["--config", str(ROOT / "configs" / "eval" / "tiny.yaml"), f"out={out}",
+          "entries=[{label: SD2, model: tiny-sd2v, method: sd}, "
+          "{label: SLD2, model: tiny-sd2v, method: sld-max, concept: nudity}]",
+          "suites=[nudity]", "generation.num_inference_steps=2", "generation.batch_size=2", "nudity.limit=2",
+          "stats.n_resamples=50", "report.grid_prompts=2"])
+    report = (out / "report.md").read_text()
+    assert "SD2" in report and "SLD2" in report and "tiny-sd2v" in report
