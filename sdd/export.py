@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from sdd.errors import UserError
 from sdd.files import atomic_path, reporting_write_failures, write_text
-from sdd.models import SDComponents
+from sdd.models import BUILT_IN_MODELS, SDComponents
 from sdd.single_file import write_single_file
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,7 +41,7 @@ class ModelCard:
 
 
 def _card_text(card: ModelCard, has_pipeline: bool, has_lora: bool, has_single_file: bool = False) -> str:
-    hub_base = card.base_model if card.base_model not in ("tiny", "shapes") else None
+    hub_base = card.base_model if card.base_model not in BUILT_IN_MODELS else None
     front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image"]
     if hub_base and not os.path.exists(hub_base) and not hub_base.endswith(".safetensors"):  # a hub id, not a path
         front.append(f"base_model: {hub_base}")
@@ -121,7 +121,7 @@ def export_model(
     """Write the export of ``unet`` (with ``base``'s VAE, text encoder, tokenizer and scheduler); return the paths.
     ``format``: ``diffusers`` (pipeline/, unet.safetensors), ``single-file`` (model.safetensors, model-config/) or
     ``both``."""
-    from diffusers import StableDiffusionPipeline
+    StableDiffusionPipeline = base.family.pipeline_class()  # the family's stock pipeline (sdd.families)
 
     if base.vae is None:
         raise UserError("export: the model has no VAE, so no pipeline can be written")

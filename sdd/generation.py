@@ -4,8 +4,12 @@ Each request carries its own seed; its initial latent is drawn from a CPU genera
 row gives the same noise for every model and every guidance rule (and matches diffusers' pipeline called with
 ``generator=torch.Generator().manual_seed(seed)`` for one image). The guidance rule is a small object: plain
 classifier-free guidance here; SLD and others plug in the same way, and all of a step's UNet branches run in
-one batched forward pass. A guidance that changes the text conditioning from step to step or hooks into the UNet
-(SAFREE) adds one optional method, ``open_batch``; the others need nothing of it.
+one batched forward pass. The branches are the model family's denoiser outputs (epsilon, or v for a v-prediction
+model); a guidance combines epsilon (SLD's and SEGA's thresholds are in epsilon), so a v model's outputs are
+converted to epsilon and back around ``combine``, except for a guidance that declares ``affine = True`` (plain
+CFG: weights summing to one commute with the conversion, so it combines v as diffusers' pipelines do). A
+guidance that changes the text conditioning from step to step or hooks into the UNet (SAFREE) adds one optional
+method, ``open_batch``; the others need nothing of it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from PIL import Image
 
 from sdd.models import SDComponents
-from sdd.sampling import classifier_free_guidance, encode_prompts
+from sdd.sampling import classifier_free_guidance
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class GuidanceBatch(Protocol):
 
 class CFGGuidance:
     """Plain classifier-free guidance (with a negative prompt when the request has one)."""
+
+    affine = True  # uncond + s (cond - uncond): the same in epsilon and in v
 
     def extra_prompts(self) -> list[str]:
         return []
@@ -123,6 +129,9 @@ def generate(
     """
     guidance = guidance or CFGGuidance()
     unet, vae = model.unet, model.vae
+    family = model.family
+    prediction = model.prediction
+    convert = prediction.kind != "epsilon" and not getattr(guidance, "affine", False)
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     extra = guidance.extra_prompts()
@@ -131,7 +140,7 @@ def generate(
     def embed(texts: Sequence[str]) -> torch.Tensor:
         missing = sorted({t for t in texts if t not in text_cache})
         if missing:
-            for text, e in zip(missing, encode_prompts(model.tokenizer, model.text_encoder, missing, device)):
+            for text, e in zip(missing, family.encode(model, missing, device)):
                 text_cache[text] = e
         return torch.stack([text_cache[t] for t in texts]).to(dtype)
 
@@ -165,10 +174,13 @@ def generate(
             for step, t in enumerate(scheduler.timesteps):
                 step_context = context if batch is None else batch.context(step)
                 model_in = scheduler.scale_model_input(latents, t)
-                eps = unet(model_in.repeat(step_context.shape[0] // n, 1, 1, 1), t,
-                           encoder_hidden_states=step_context).sample
-                parts = list(eps.split(n))
+                out = family.denoise(unet, model_in.repeat(step_context.shape[0] // n, 1, 1, 1), t, step_context)
+                parts = list(out.split(n))
+                if convert:  # v -> epsilon, combined, -> v for the model's own scheduler
+                    parts = [prediction.to_epsilon(p, model_in, t) for p in parts]
                 eps_hat, state = guidance.combine(parts[0], parts[1], parts[2:], scale, step, state)
+                if convert:
+                    eps_hat = prediction.from_epsilon(eps_hat, model_in, t)
                 latents = scheduler.step(eps_hat, t, latents).prev_sample
         finally:
             if batch is not None:

@@ -1,4 +1,5 @@
-"""Stable Diffusion components: loaded from a diffusers folder / hub id / single file, or built tiny in code.
+"""Stable Diffusion components: loaded from a diffusers folder / hub id / single file, or built tiny in code
+(``tiny``: SD-1.x, ``tiny-sd2v``: SD-2.x with v-prediction).
 
 Only safetensors are ever loaded (``use_safetensors=True``); pickled ``.bin``/``.ckpt`` weights are refused.
 """
@@ -20,6 +21,7 @@ from sdd.single_file import PICKLE_SUFFIXES, load_single_file
 
 TOKENIZER_DIR = str(resources.files("sdd") / "assets" / "clip-tokenizer")
 SHAPES_MODEL_DIR = str(resources.files("sdd") / "assets" / "shapes-base")
+BUILT_IN_MODELS = ("tiny", "tiny-sd2v", "shapes", "sd15-random")  # names model.pretrained builds or ships
 
 
 @dataclass
@@ -30,6 +32,22 @@ class SDComponents:
     scheduler: object  # the model's own scheduler (kept for export); training builds a DDIMScheduler from it
     vae: Optional[AutoencoderKL]
     source: str  # what `model.pretrained` named
+    family_name: str = "sd"  # its model family (sdd.families): how to encode, call the denoiser, export
+    text_encoder_2: Optional[torch.nn.Module] = None  # SDXL's second text encoder (with projection)
+    tokenizer_2: Optional[CLIPTokenizer] = None
+
+    @property
+    def family(self):
+        from sdd.families import family
+
+        return family(self.family_name, self)
+
+    @property
+    def prediction(self):
+        """What the denoiser's output predicts (epsilon or v) and its conversions (sdd.families.Prediction)."""
+        from sdd.families import prediction_of
+
+        return prediction_of(self.scheduler)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -46,7 +64,7 @@ class SDComponents:
         return self.unet.config.sample_size * self.vae_scale_factor
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "SDComponents":
-        for module in (self.unet, self.text_encoder, self.vae):
+        for module in (self.unet, self.text_encoder, self.text_encoder_2, self.vae):
             if module is not None:
                 module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
         return self
@@ -113,6 +131,120 @@ def build_tiny_sd(seed: int = 0, sample_size: int = 16) -> SDComponents:
     return SDComponents(unet, text_encoder, load_tokenizer(), scheduler, vae, source="tiny")
 
 
+def build_tiny_sd2v(seed: int = 0, sample_size: int = 16) -> SDComponents:
+    """A randomly initialised SD-2.x-shaped model with v-prediction (as ``stabilityai/stable-diffusion-2-1``): the
+    tiny UNet with linear projections and per-block head counts, a CLIP text encoder with GELU (OpenCLIP's, the
+    last layer dropped as in the converted SD-2 checkpoints: nothing to do in code), ``"!"`` as the padding
+    token, and a DDIM scheduler with ``prediction_type="v_prediction"``. Deterministic for a given seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),  # SD-2's config names head counts per block here
+            use_linear_projection=True,
+            upcast_attention=True,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=32,
+            sample_size=sample_size * 2,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                hidden_act="gelu",
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=0,  # "!", OpenCLIP's padding
+                projection_dim=32,
+            )
+        )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!")
+    return SDComponents(unet, text_encoder, tokenizer, scheduler, vae, source="tiny-sd2v")
+
+
+def build_tiny_sdxl(seed: int = 0, sample_size: int = 16) -> SDComponents:
+    """A randomly initialised SDXL-shaped model: the tiny UNet with ``text_time`` added conditioning, two CLIP text
+    encoders (the second with a projection, ``"!"`` padding) and SDXL's Euler scheduler. Deterministic for a seed."""
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+
+    def text_config(**extra):
+        return CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5,
+                              num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
+                              eos_token_id=49407, projection_dim=32, **extra)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # time ids + the pooled projection
+            cross_attention_dim=64,  # the two encoders' widths, concatenated
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=32,
+            sample_size=sample_size * 2,
+        )
+        text_encoder = CLIPTextModel(text_config(hidden_act="quick_gelu", pad_token_id=49407))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden_act="gelu", pad_token_id=0))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval()
+    return SDComponents(unet, text_encoder, load_tokenizer(), scheduler, vae, source="tiny-sdxl", family_name="sdxl",
+                        text_encoder_2=text_encoder_2,
+                        tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"))
+
+
 def build_sd15_random(seed: int = 0) -> SDComponents:
     """Stable Diffusion 1.5's architecture (UNet 860 M, CLIP ViT-L/14 text encoder 123 M, VAE 84 M) with random
     weights, built from its config: for speed and memory measurements without downloading anything."""
@@ -169,11 +301,13 @@ def _describe(err: Exception) -> str:
 
 def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae: bool = True,
                     single_file_config: Optional[str] = None) -> SDComponents:
-    """Components of an SD-1.x/2.x model: ``'tiny'``, ``'shapes'``, ``'sd15-random'``, a diffusers folder, a hub id,
-    or a single-file ``.safetensors`` checkpoint in the original layout (``sdd.single_file``; its config from
-    ``single_file_config``, the file, or the family its keys show)."""
+    """Components of an SD-1.x/2.x model: ``'tiny'``, ``'tiny-sd2v'``, ``'shapes'``, ``'sd15-random'``, a diffusers
+    folder, a hub id (``owner/name``), or a single-file ``.safetensors`` checkpoint in the original layout
+    (``sdd.single_file``; its config from ``single_file_config``, the file, or the family its keys show)."""
     if pretrained == "tiny":
         return build_tiny_sd()
+    if pretrained == "tiny-sd2v":
+        return build_tiny_sd2v()
     if pretrained == "sd15-random":
         return build_sd15_random()
     if pretrained.lower().endswith((".safetensors",) + PICKLE_SUFFIXES) or os.path.isfile(pretrained):
@@ -187,6 +321,11 @@ def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae
     looks_like_path = pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
     if not is_local and looks_like_path:
         raise UserError(f"model.pretrained: no such model folder: {pretrained}")
+    if not is_local and "/" not in pretrained:
+        raise UserError(
+            f"model.pretrained: unknown model '{pretrained}' (built in: {', '.join(BUILT_IN_MODELS)}; "
+            "or a diffusers model folder or a hub id owner/name)"
+        )
     if is_local:
         for sub in ("unet", "text_encoder", "tokenizer", "scheduler") + (("vae",) if with_vae else ()):
             if not os.path.isdir(os.path.join(pretrained, sub)):
@@ -228,7 +367,9 @@ def _load(pretrained: str, kwargs: dict, is_local: bool, with_vae: bool) -> SDCo
     for module in (unet, text_encoder, vae):
         if module is not None:
             module.eval()
-    return SDComponents(unet, text_encoder, tokenizer, scheduler, vae, source=pretrained)
+    components = SDComponents(unet, text_encoder, tokenizer, scheduler, vae, source=pretrained)
+    _ = components.prediction  # a prediction type no family handles is one clear error, here
+    return components
 
 
 def _refuse_pickles(path: str, subfolders: list[str]) -> None:

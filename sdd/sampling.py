@@ -37,6 +37,11 @@ def ddim_step(scheduler, eps: torch.Tensor, t: int, z: torch.Tensor) -> torch.Te
     return scheduler.step(eps, t, z, eta=0.0).prev_sample
 
 
+def unet_denoise(unet, z, t, c):
+    """The SD-1.x/2.x denoiser call (``sdd.families.sd``)."""
+    return unet(z, t, encoder_hidden_states=c).sample
+
+
 @torch.no_grad()
 def sample_to_k(
     unet: nn.Module,
@@ -46,6 +51,7 @@ def sample_to_k(
     c_uncond: torch.Tensor,
     guidance_scale: float,
     k: torch.Tensor,
+    denoise=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run CFG-DDIM from ``z_T`` for exactly ``k[b]`` steps for each latent ``b``.
 
@@ -60,12 +66,16 @@ def sample_to_k(
             grid and each is frozen once it has taken its own ``k[b]`` steps, so one batched pass serves them all.
             Or (B, R): trajectory ``b`` runs to ``max_r k[b, r]`` and yields its latent after each ``k[b, r]``
             steps, R latents from one trajectory (the B * R latents in order b, r).
+        denoise: ``denoise(unet, z, t, c)``, the family's denoiser call (``sdd.families``); default SD's
+            ``unet(z, t, encoder_hidden_states=c).sample``. Its output (epsilon or v) is combined as it is (CFG
+            commutes with the conversion) and stepped by ``scheduler``, which reads the model's prediction type.
 
     Returns:
         ``(z_t, t)``: the latents and, for each, the grid timestep ``scheduler.timesteps[k[b]]`` at which it sits.
         ``k = 0`` returns ``z_T`` itself at the first (noisiest) grid timestep.
     """
     timesteps = scheduler.timesteps
+    denoise = denoise or unet_denoise
     k = k.to(torch.long).cpu()
     if k.ndim not in (1, 2) or k.shape[0] != z_T.shape[0]:
         raise ValueError(f"k must have shape ({z_T.shape[0]},) or ({z_T.shape[0]}, R), got {tuple(k.shape)}")
@@ -87,11 +97,12 @@ def sample_to_k(
         t = timesteps[i]
         z_a = z.index_select(0, active)
         n = z_a.shape[0]
-        eps = unet(
+        eps = denoise(
+            unet,
             torch.cat([z_a, z_a]),
             t,
-            encoder_hidden_states=torch.cat([c_uncond.index_select(0, active), c_cond.index_select(0, active)]),
-        ).sample
+            torch.cat([c_uncond.index_select(0, active), c_cond.index_select(0, active)]),
+        )
         eps_uncond, eps_cond = eps[:n], eps[n:]
         guided = classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)
         z_new = ddim_step(scheduler, guided.to(z_a.dtype), t, z_a)

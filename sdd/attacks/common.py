@@ -22,7 +22,7 @@ from sdd.files import to_json, write_text
 from sdd.image_folder import GenerateConfig
 from sdd.image_folder import run as generate_folder
 from sdd.judges import default_detector, detector_for
-from sdd.models import pipeline_path, run_base_model
+from sdd.models import BUILT_IN_MODELS, pipeline_path, run_base_model
 from sdd.shapes import world
 from sdd.stats import wilson
 
@@ -52,7 +52,7 @@ def make_target(cfg) -> Target:
     detector, _ = detector_for(spec)
     shapes = spec == f"shapes:{cfg.concept}"
     model = pipeline_path(cfg.model)
-    if model not in ("tiny", "shapes", "sd15-random") and not os.path.isdir(model) and model.count("/") != 1:
+    if model not in BUILT_IN_MODELS and not os.path.isdir(model) and model.count("/") != 1:
         raise UserError(f"--model: no such model folder: {cfg.model}")
     reference = cfg.reference or run_base_model(cfg.model)
     return Target(model=model, method=cfg.method, method_concept=cfg.method_concept or cfg.concept,

@@ -86,6 +86,7 @@ class ESDMethod:
         self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
                                      single_file_config=cfg.model.single_file_config)
         self.model = self.base.unet
+        self.denoise = self.base.family.denoise  # one denoiser call of the model's family (sdd.families)
         finetune = FINETUNE_SETS.get(cfg.finetune, cfg.finetune)
         self.trainable_names = configure_trainable(self.model, finetune, cfg.lora)
         self.model.train()
@@ -117,14 +118,15 @@ class ESDMethod:
         z_T = z_T.to(c_uncond.device)
         c_uncond_b = c_uncond.expand(batch, -1, -1)
         with sampling_autocast(c_uncond.device, self.cfg.perf.teacher_precision):
-            z_t, t = sample_to_k(model, self.scheduler, z_T, c, c_uncond, s.start_guidance, k)
+            z_t, t = sample_to_k(model, self.scheduler, z_T, c, c_uncond, s.start_guidance, k, denoise=self.denoise)
             with torch.no_grad():
                 if self.cfg.perf.frozen_passes == "batched":
-                    eps = self.frozen(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c_uncond_b, c])).sample
+                    eps = self.denoise(self.frozen, torch.cat([z_t, z_t]), torch.cat([t, t]),
+                                       torch.cat([c_uncond_b, c]))
                     eps_uncond, eps_concept = eps[:batch], eps[batch:]
                 else:  # two calls, as the original script
-                    eps_uncond = self.frozen(z_t, t, encoder_hidden_states=c_uncond_b).sample
-                    eps_concept = self.frozen(z_t, t, encoder_hidden_states=c).sample
+                    eps_uncond = self.denoise(self.frozen, z_t, t, c_uncond_b)
+                    eps_concept = self.denoise(self.frozen, z_t, t, c)
                 target = esd_target(eps_uncond.float(), eps_concept.float(), s.negative_guidance)
         return z_t.float(), t, c, target
 
@@ -134,7 +136,7 @@ class ESDMethod:
         z_T, k, idx = self.draw(micro_step, generator)
         with timing.region("sampling"):
             z_t, t, c, target = self.sample_latents(model, z_T, k, idx)
-        loss = esd_loss(model(z_t, t, encoder_hidden_states=c).sample, target)
+        loss = esd_loss(self.denoise(model, z_t, t, c), target)
         logs = {"k": k.float().mean().item()}
         return loss, logs
 

@@ -51,7 +51,8 @@ from sdd.sampling import concept_indices, sample_k, sample_to_k
 
 
 def sdd_loss(eps_concept: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
-    """mean over elements of (eps(z_t, c_s, t) - sg(eps(z_t, emptyset, t)))^2, in fp32."""
+    """mean over elements of (eps(z_t, c_s, t) - sg(eps(z_t, emptyset, t)))^2, in fp32. On the model's own output:
+    v for a v-prediction model, alpha_bar_t times this in epsilon (docs/METHODS.md section 10)."""
     return F.mse_loss(eps_concept.float(), eps_uncond.detach().float())
 
 
@@ -140,6 +141,7 @@ class SDDMethod:
         self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
                                      single_file_config=cfg.model.single_file_config)
         self.model = self.base.unet
+        self.denoise = self.base.family.denoise  # one denoiser call of the model's family (sdd.families)
         self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora)
         self.model.train()
         self.teacher = frozen_copy(self.model, common.share_frozen(cfg.perf))
@@ -191,7 +193,8 @@ class SDDMethod:
         c_uncond, c_p, c_s = self.conditioning(idx)
         z_T = z_T.to(c_uncond.device)
         with sampling_autocast(c_uncond.device, self.cfg.perf.teacher_precision):
-            z_t, t = sample_to_k(self.teacher, self.scheduler, z_T, c_p, c_uncond, s.guidance_scale, k)
+            z_t, t = sample_to_k(self.teacher, self.scheduler, z_T, c_p, c_uncond, s.guidance_scale, k,
+                                 denoise=self.denoise)
         return z_t.float(), t, c_uncond, c_s.repeat_interleave(s.latents_per_trajectory, 0)
 
     def conditioning(self, idx: torch.Tensor):
@@ -206,12 +209,12 @@ class SDDMethod:
         batch = z_t.shape[0]
         c_uncond = c_uncond.expand(batch, -1, -1)
         if self.cfg.perf.student_passes == "batched":
-            eps = model(torch.cat([z_t, z_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([c_uncond, c_s]))
-            eps_uncond, eps_concept = eps.sample[:batch].detach(), eps.sample[batch:]
+            eps = self.denoise(model, torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c_uncond, c_s]))
+            eps_uncond, eps_concept = eps[:batch].detach(), eps[batch:]
         else:
             with torch.no_grad():
-                eps_uncond = model(z_t, t, encoder_hidden_states=c_uncond).sample
-            eps_concept = model(z_t, t, encoder_hidden_states=c_s).sample
+                eps_uncond = self.denoise(model, z_t, t, c_uncond)
+            eps_concept = self.denoise(model, z_t, t, c_s)
         return sdd_loss(eps_concept, eps_uncond)
 
     def preserve_conditioning(self, micro_step: int) -> torch.Tensor:
@@ -224,8 +227,8 @@ class SDDMethod:
     def preserve_loss(self, model, z_t, t, c_keep) -> torch.Tensor:
         """The preservation term: the student's predictions for prompts to keep toward the frozen original's."""
         with torch.no_grad(), sampling_autocast(z_t.device, self.cfg.perf.teacher_precision):
-            eps_original = self.original(z_t, t, encoder_hidden_states=c_keep).sample
-        return sdd_loss(model(z_t, t, encoder_hidden_states=c_keep).sample, eps_original)
+            eps_original = self.denoise(self.original, z_t, t, c_keep)
+        return sdd_loss(self.denoise(model, z_t, t, c_keep), eps_original)
 
     # the loop's interface
 
@@ -336,14 +339,14 @@ class Adversary:
         """v <- argmin || eps_student(z_t, c(v)) - eps_orig(z_t, c_concept) ||^2 by Adam; returns the last loss."""
         s = self.settings
         with torch.no_grad():
-            target = original(z_t, t, encoder_hidden_states=c_concept).sample
+            target = self.base.family.denoise(original, z_t, t, c_concept)
         v = self.vector.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([v], lr=s.lr)
         batch = z_t.shape[0]
         which = torch.arange(batch) % len(self.ids)
         for _ in range(s.steps):
             c = self.encode(v)[which]
-            loss = F.mse_loss(student(z_t, t, encoder_hidden_states=c).sample.float(), target.float())
+            loss = F.mse_loss(self.base.family.denoise(student, z_t, t, c).float(), target.float())
             (grad,) = torch.autograd.grad(loss, [v])
             optimizer.zero_grad(set_to_none=True)
             v.grad = grad

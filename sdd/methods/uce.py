@@ -25,6 +25,7 @@ import torch
 
 from sdd.config import ExportConfig, ModelConfig, TrackingConfig, TrainConfig, check
 from sdd.export import ModelCard
+from sdd.files import to_json
 from sdd.methods import common
 
 TokenRows = Literal["last", "last-to-end", "all"]
@@ -219,7 +220,7 @@ class UCEMethod:
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """The steps' numbers so far, as JSON bytes: a resumed run's summary lists every step, not only its own."""
-        return {"edits_json": torch.tensor(list(json.dumps(self.history).encode()), dtype=torch.uint8)}
+        return {"edits_json": torch.tensor(list(to_json(self.history).encode()), dtype=torch.uint8)}
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         if "edits_json" in state:

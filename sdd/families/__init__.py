@@ -1,0 +1,112 @@
+"""Model families: the seam between the methods and a family of diffusion models.
+
+A family is a short module that fulfils :class:`ModelFamily`, the few operations the methods, the sampler,
+generation, guidance and export need: encode prompts into a conditioning, one denoiser call, the named parameter
+sets, and the stock diffusers pipeline class that loads an export. What the denoiser's output predicts is data of
+the model (its scheduler's ``prediction_type``), and :class:`Prediction` turns an output into epsilon or x0 at
+(x_t, t) and back; the scheduler step is the model's own scheduler's ``step``, which reads the same field.
+
+``sd`` (:mod:`sdd.families.sd`) serves SD-1.x (epsilon) and SD-2.x (epsilon or v-prediction): the same UNet call
+and pipeline class, the text encoder's depth and activation being config. ``sdxl`` (:mod:`sdd.families.sdxl`):
+two text encoders, pooled embeddings and time ids (generation so far). See docs/METHODS.md section 10.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Protocol, Sequence
+
+import torch
+
+from sdd.errors import UserError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class ModelFamily(Protocol):
+    """What every family provides; ``components`` is the family's bundle (``sdd.models.SDComponents``)."""
+
+    name: str
+    parameter_sets: Mapping[str, Callable[[str], bool]]  # finetune name -> does it train this parameter
+
+    def encode(self, components, prompts: Sequence[str], device=None) -> torch.Tensor:
+        """The conditioning of ``prompts`` (one row per prompt), as the family's pipeline computes it."""
+        ...
+
+    def denoise(self, unet, z: torch.Tensor, t, conditioning: torch.Tensor) -> torch.Tensor:
+        """One denoiser call: the raw output (what :class:`Prediction` says it predicts)."""
+        ...
+
+    def pipeline_class(self) -> type:
+        """The stock diffusers pipeline that loads an export (``from_pretrained``) and checks it in tests."""
+        ...
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a denoiser output predicts on a VP schedule x_t = a_t x0 + s_t eps (a_t^2 = alphas_cumprod[t],
+    s_t^2 = 1 - a_t^2), and its conversions at (x_t, t):
+
+        v   = a_t eps - s_t x0          eps = s_t x_t + a_t v          x0 = a_t x_t - s_t v
+
+    For ``epsilon`` the conversion to epsilon is the identity (the very tensor comes back), so an epsilon model's
+    numbers never pass through it.
+    """
+
+    kind: str  # "epsilon" or "v_prediction"
+    alphas_cumprod: Optional[torch.Tensor]  # (T,) of the model's training schedule (None: a scheduler without one)
+
+    def coefficients(self, t, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a_t, s_t) shaped to broadcast over ``like`` (B, ...); ``t`` a number or a (B,) tensor. A fractional
+        t (Euler grids) takes s/a interpolated linearly in t, as Euler's sigmas are."""
+        if self.alphas_cumprod is None:
+            raise UserError("model: its scheduler has no alphas_cumprod, so its prediction cannot be converted")
+        ac = self.alphas_cumprod.to(torch.float64)
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu()
+        sigma = ((1 - ac) / ac).sqrt()
+        lo = t.floor().long().clamp(0, len(ac) - 1)
+        hi = (lo + 1).clamp(max=len(ac) - 1)
+        frac = t - t.floor()
+        sig = sigma[lo] * (1 - frac) + sigma[hi] * frac
+        a = (1 / (1 + sig**2)).sqrt()
+        s = sig * a
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return (a.to(like.device, like.dtype).reshape(shape), s.to(like.device, like.dtype).reshape(shape))
+
+    def to_epsilon(self, output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        if self.kind == "epsilon":
+            return output
+        a, s = self.coefficients(t, output)
+        return s * x_t + a * output
+
+    def from_epsilon(self, eps: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The output that predicts ``eps`` (the inverse of :meth:`to_epsilon`)."""
+        if self.kind == "epsilon":
+            return eps
+        a, s = self.coefficients(t, eps)
+        return (eps - s * x_t) / a
+
+    def to_x0(self, output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        a, s = self.coefficients(t, output)
+        if self.kind == "epsilon":
+            return (x_t - s * output) / a
+        return a * x_t - s * output
+
+
+def prediction_of(scheduler) -> Prediction:
+    """The :class:`Prediction` of a model from its scheduler (``prediction_type``, ``alphas_cumprod``)."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise UserError(f"model: prediction_type '{kind}' is not supported (supported: {', '.join(PREDICTION_TYPES)})")
+    return Prediction(kind, getattr(scheduler, "alphas_cumprod", None))
+
+
+def family(name: str, components=None) -> ModelFamily:
+    """The family called ``name`` (for ``sdxl``, bound to ``components``: its VAE factor gives the time ids)."""
+    from sdd.families import sd, sdxl
+
+    if name == sd.FAMILY.name:
+        return sd.FAMILY
+    if name == sdxl.StableDiffusionXL.name:
+        return sdxl.StableDiffusionXL(components.vae_scale_factor if components is not None else 8)
+    raise UserError(f"model: unknown model family '{name}' (known: sd, sdxl)")
