@@ -74,6 +74,38 @@ def load_tokenizer(path: str = TOKENIZER_DIR) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(path)
 
 
+def tiny_unet(sample_size: int = 16, **changes) -> UNet2DConditionModel:
+    """The tiny models' UNet (SD-1.x shape), with a family's ``changes`` to its config."""
+    config = dict(sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                  layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+                  norm_num_groups=32)
+    return UNet2DConditionModel(**{**config, **changes})
+
+
+def tiny_vae(image_size: int = 32) -> AutoencoderKL:
+    """The tiny models' VAE (two blocks: latents at half the image size), also ShapesWorld's."""
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
+                         layers_per_block=1, norm_num_groups=32, sample_size=image_size)
+
+
+def tiny_text_config(**changes) -> CLIPTextConfig:
+    """The tiny models' CLIP text encoder config over the real vocabulary (pooled output at the real end-of-text
+    position), with a family's ``changes``."""
+    config = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
+                  max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                  projection_dim=32)
+    return CLIPTextConfig(**{**config, **changes})
+
+
+def sd_ddim_scheduler(**changes) -> DDIMScheduler:
+    """Stable Diffusion's DDIM scheduler (scaled-linear betas, leading grid), with ``changes``."""
+    return DDIMScheduler(**{**dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                   set_alpha_to_one=False, steps_offset=1), **changes})
+
+
 def build_tiny_sd(seed: int = 0, sample_size: int = 16) -> SDComponents:
     """A randomly initialised SD-1.x-shaped model (~3 M parameters) with the real CLIP vocabulary.
 
@@ -81,54 +113,11 @@ def build_tiny_sd(seed: int = 0, sample_size: int = 16) -> SDComponents:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
-            sample_size=sample_size * 2,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=5,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=49406,
-                eos_token_id=49407,  # pooled output at the real end-of-text position
-                pad_token_id=49407,
-                projection_dim=32,
-            )
-        )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+        unet, vae = tiny_unet(sample_size), tiny_vae(sample_size * 2)
+        text_encoder = CLIPTextModel(tiny_text_config())
     for module in (unet, vae, text_encoder):
         module.eval()
-    return SDComponents(unet, text_encoder, load_tokenizer(), scheduler, vae, source="tiny")
+    return SDComponents(unet, text_encoder, load_tokenizer(), sd_ddim_scheduler(), vae, source="tiny")
 
 
 def build_tiny_sd2v(seed: int = 0, sample_size: int = 16) -> SDComponents:
@@ -138,59 +127,16 @@ def build_tiny_sd2v(seed: int = 0, sample_size: int = 16) -> SDComponents:
     token, and a DDIM scheduler with ``prediction_type="v_prediction"``. Deterministic for a given seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=(2, 4),  # SD-2's config names head counts per block here
-            use_linear_projection=True,
-            upcast_attention=True,
-            norm_num_groups=32,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
-            sample_size=sample_size * 2,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=4,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                hidden_act="gelu",
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=0,  # "!", OpenCLIP's padding
-                projection_dim=32,
-            )
-        )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction",
-    )
+        # SD-2's config names head counts per block in attention_head_dim
+        unet = tiny_unet(sample_size, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
+        vae = tiny_vae(sample_size * 2)
+        # pad_token_id 0: "!", OpenCLIP's padding
+        text_encoder = CLIPTextModel(tiny_text_config(num_hidden_layers=4, hidden_act="gelu", pad_token_id=0))
     for module in (unet, vae, text_encoder):
         module.eval()
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!")
-    return SDComponents(unet, text_encoder, tokenizer, scheduler, vae, source="tiny-sd2v")
+    return SDComponents(unet, text_encoder, tokenizer, sd_ddim_scheduler(prediction_type="v_prediction"), vae,
+                        source="tiny-sd2v")
 
 
 def build_tiny_sdxl(seed: int = 0, sample_size: int = 16) -> SDComponents:
@@ -199,21 +145,10 @@ def build_tiny_sdxl(seed: int = 0, sample_size: int = 16) -> SDComponents:
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTextModelWithProjection
 
-    def text_config(**extra):
-        return CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5,
-                              num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
-                              eos_token_id=49407, projection_dim=32, **extra)
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        unet = tiny_unet(
+            sample_size,
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             addition_embed_type="text_time",
@@ -221,21 +156,10 @@ def build_tiny_sdxl(seed: int = 0, sample_size: int = 16) -> SDComponents:
             transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=6 * 8 + 32,  # time ids + the pooled projection
             cross_attention_dim=64,  # the two encoders' widths, concatenated
-            norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
-            sample_size=sample_size * 2,
-        )
-        text_encoder = CLIPTextModel(text_config(hidden_act="quick_gelu", pad_token_id=49407))
-        text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden_act="gelu", pad_token_id=0))
+        vae = tiny_vae(sample_size * 2)
+        text_encoder = CLIPTextModel(tiny_text_config(hidden_act="quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(hidden_act="gelu", pad_token_id=0))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1)
     for module in (unet, vae, text_encoder, text_encoder_2):

@@ -14,23 +14,13 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdd.models import SDComponents, load_tokenizer
+from sdd.models import SDComponents, load_tokenizer, sd_ddim_scheduler, tiny_vae
 
 TEXT_WIDTH = 32
 
 
 def build_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    return tiny_vae(32)
 
 
 def build_unet() -> UNet2DConditionModel:
@@ -66,15 +56,7 @@ def build_text_encoder() -> CLIPTextModel:
 
 
 def build_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return sd_ddim_scheduler(num_train_timesteps=1000)
 
 
 def build_untrained(seed: int = 0, vae: AutoencoderKL | None = None) -> SDComponents:
