@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from sdd import card
 from sdd.config import load_config, merge_overrides
 from sdd.errors import UserError
-from sdd.loop import FitResult, list_checkpoints, load_method_checkpoint
+from sdd.loop import FitResult
 from sdd.methods import registry
 from sdd.methods.registry import entry
 
@@ -70,32 +70,12 @@ def export(run_dir: PathLike, *overrides: str, checkpoint: str = "latest", out: 
     """Export a checkpoint of a run again (any method that exports a model): ``checkpoint`` is ``latest``, a
     ``step-NNNNNN`` name or a folder; ``overrides`` change the run's settings (``export.dtype=fp16``,
     ``sdd.export=student``); ``out`` defaults to the run folder. Returns kind -> path."""
-    from sdd.files import check_writable_dir, remove_stale_temporaries, reporting_write_failures
-
     run_dir = os.fspath(run_dir)
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_path):
         raise UserError(f"{run_dir} is not a training run folder (no config.yaml)")
     cfg = run_config(config_path, [*overrides, "tracking.tracker=none"])
-    if checkpoint == "latest":
-        found = list_checkpoints(run_dir)
-        if not found:
-            raise UserError(f"{run_dir}/checkpoints holds no checkpoint")
-        folder = found[-1]
-    elif os.path.isdir(checkpoint):
-        folder = checkpoint
-    else:
-        folder = os.path.join(run_dir, "checkpoints", checkpoint)
-        if not os.path.isdir(folder):
-            raise UserError(f"--checkpoint: no such checkpoint: {folder}")
-    target = os.fspath(out) if out is not None else run_dir
-    check_writable_dir(target, "--out")
-    built = entry(cfg.method).stages(cfg)[-1][1](cfg)
-    load_method_checkpoint(built, folder)
-    for where in {run_dir, target}:  # what killed exports left behind
-        remove_stale_temporaries(where)
-    with reporting_write_failures(target, "export"):
-        return built.export(target)
+    return registry.export_checkpoint(cfg, run_dir, checkpoint, os.fspath(out) if out is not None else run_dir)
 
 
 # --- models and images ---------------------------------------------------------------------------------------
@@ -230,6 +210,35 @@ def benchmark(models: Union[Mapping[str, str], Sequence[str]], concept: Union[st
         card.record(spec.partition("@")[0], f"bench/{concept}/{row['method']}/cfg{guidance_scale:g}/seed{seed}",
                     card.bench_evaluation(report, row, command))
     return report
+
+
+def race(configs: Union[Mapping[str, PathLike], Sequence[PathLike]], concept: Union[str, Sequence[str]] = "red", *,
+         seeds: Sequence[int] = (0,), out: PathLike = "outputs/race", every: int = 50, max_rate: float = 0.05,
+         band: float = 0.01, min_kept: float = 0.0, curve: bool = False, n: int = 96, n_retention: int = 192,
+         num_inference_steps: int = 25, guidance_scale: float = 5.0, eval_seed: int = 0, batch_size: int = 64,
+         progress: bool = False) -> dict:
+    """Time to a target erasure on ShapesWorld (``sdd-shapes race``, :mod:`sdd.shapes.race`): each training config
+    (label -> YAML, or a list of ``[LABEL=]PATH``; the first is the reference) trained on each seed, its checkpoints
+    benchmarked until one meets the target; seconds to target and the ratio against the reference. Writes
+    ``race.json`` and ``race.md`` to ``out``; returns the report."""
+    from sdd.shapes import bench
+    from sdd.shapes import race as racing
+
+    if not isinstance(concept, str):
+        concept = "+".join(concept)
+    if isinstance(configs, Mapping):
+        specs = [(label, os.fspath(path)) for label, path in configs.items()]
+    else:
+        specs = []
+        for spec in map(os.fspath, configs):
+            label, _, path = spec.rpartition("=")
+            specs.append((label or os.path.splitext(os.path.basename(path))[0], path))
+    runs = [(label, run_config(path)) for label, path in specs]
+    settings = bench.settings_for(concept, n=n, n_retention=n_retention, num_inference_steps=num_inference_steps,
+                                  guidance_scale=guidance_scale, seed=eval_seed, batch_size=batch_size)
+    target = racing.Target(max_rate=max_rate, band=band, min_kept=min_kept)
+    return racing.race(runs, concept, list(seeds), target, every, settings, os.fspath(out), curve=curve,
+                       progress=progress)
 
 
 def evaluate(config: Any, *overrides: str, progress: bool = True) -> Optional[dict]:

@@ -530,10 +530,12 @@ def fit(accelerator, method: Method, cfg) -> FitResult:
     hooks = _register_checkpoint_hooks(accelerator, method)
 
     step, skipped = 0, 0
+    seconds_before = 0.0  # training seconds of the earlier runs a resumed run continues
     saved_step = None  # the step of the last checkpoint this run wrote
     if plan.checkpoint is not None:
         state = _resume_state(accelerator, plan)
         step, skipped = state["step"], state.get("skipped_steps", 0)
+        seconds_before = state.get("seconds", 0.0)
         if any(k.startswith(("train.lr", "train.weight_decay", "train.adam_")) for k in plan.changes):
             # the checkpoint restored the old ones
             _apply_optimizer_settings(stepper.optimizer, stepper.lr_scheduler, train)
@@ -544,7 +546,10 @@ def fit(accelerator, method: Method, cfg) -> FitResult:
     micro_step = step * train.gradient_accumulation_steps
 
     def trainer_state() -> dict:
-        return {"step": step, "micro_step": micro_step, "skipped_steps": skipped}
+        # seconds: wall time of the training steps up to here, over every run of this folder (time to a target
+        # erasure reads it from each checkpoint; sdd.shapes.race)
+        return {"step": step, "micro_step": micro_step, "skipped_steps": skipped,
+                "seconds": round(seconds_before + time.perf_counter() - started, 3)}
 
     def on_nonfinite(bad_loss: bool, bad_grad: bool, loss: torch.Tensor) -> None:
         nonlocal skipped

@@ -90,6 +90,11 @@ def test_interrupted_run_resumes_to_the_same_weights(train_sdd, tiny_args, tmp_p
 
     result = train_sdd.main([*tiny_args(*args, out=tmp_path / "resumed"), "--resume"])
     assert result.steps == 6
+    # the training seconds in each checkpoint count every run of the folder (time to target reads them)
+    before = json.loads((tmp_path / "resumed" / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
+    after = json.loads((tmp_path / "resumed" / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
+    this_run = json.loads((tmp_path / "resumed" / "train_summary.json").read_text())["seconds_this_run"]
+    assert before["seconds"] > 0 and after["seconds"] >= before["seconds"] + this_run - 0.01
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
     for key in straight:

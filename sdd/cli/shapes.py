@@ -1,6 +1,8 @@
 """``sdd-shapes``: the ShapesWorld commands.
 
     sdd-shapes bench --model shapes --model sdd=outputs/sdd-shapes-red/pipeline --concept red --out DIR
+    sdd-shapes race --config keep=configs/sdd/shapes_red_keep.yaml --config fast=configs/sdd/shapes_red_fast.yaml \
+        --seeds 0,1,2 --eval-seed 10000 --out DIR   # time to a target erasure, side by side
     sdd-shapes read IMAGE...                      # what the oracle sees in images
     sdd-shapes ship outputs/shapes-base/pipeline  # install a trained base model as the packaged 'shapes' model
 
@@ -33,6 +35,19 @@ def cmd_bench(args) -> dict:
         print(f"  {row['label']}: {row['seconds']} s")
     if args.out:
         print(f"report: {report['files']['json']}\ngrid:   {report['files']['grid']}")
+    return report
+
+
+def cmd_race(args) -> dict:
+    report = api.race(args.config, args.concept or ["red"], seeds=[int(s) for s in args.seeds.split(",")],
+                      out=args.out, every=args.every, max_rate=args.max_rate, band=args.band / 100,
+                      min_kept=args.min_kept, curve=args.curve, n=args.n, n_retention=args.n_retention,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance, eval_seed=args.eval_seed,
+                      progress=not args.quiet)
+    from sdd.shapes.race import format_report
+
+    print("\n" + format_report(report))
+    print(f"report: {os.path.join(args.out, 'race.json')}, {os.path.join(args.out, 'race.md')}")
     return report
 
 
@@ -72,6 +87,26 @@ def main(argv=None):
     b.add_argument("--out", default=None, help="folder for bench.json and grid.png")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_bench)
+    t = sub.add_parser("race", help="time to a target erasure: training configs side by side, as a ratio")
+    t.add_argument("--config", action="append", required=True,
+                   help="[LABEL=]CONFIG.yaml; two or more, the first is the reference (the paper's loop)")
+    t.add_argument("--concept", action="append", default=None, help="as for bench; default red")
+    t.add_argument("--seeds", default="0", help="training seeds, comma-separated (each config on each)")
+    t.add_argument("--every", type=int, default=50, help="a checkpoint, and a benchmark, every N steps")
+    t.add_argument("--max-rate", type=float, default=0.05, help="target: the concept's rate where asked, at most")
+    t.add_argument("--band", type=float, default=1.0,
+                   help="target: other prompts' colour and shape accuracy at most this many points below the base")
+    t.add_argument("--min-kept", type=float, default=0.0,
+                   help="target: the rest of the concept's prompts kept in at least this share of its images")
+    t.add_argument("--curve", action="store_true", help="benchmark every checkpoint, not only up to the target")
+    t.add_argument("--n", type=int, default=96)
+    t.add_argument("--n-retention", type=int, default=192)
+    t.add_argument("--steps", type=int, default=25, help="DDIM steps of the benchmark")
+    t.add_argument("--guidance", type=float, default=5.0)
+    t.add_argument("--eval-seed", type=int, default=0, help="the benchmark's first seed (10000: held out)")
+    t.add_argument("--out", default="outputs/race", help="folder of the runs, race.json and race.md")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_race)
     r = sub.add_parser("read", help="what the oracle reads in images")
     r.add_argument("images", nargs="+")
     r.set_defaults(func=cmd_read)

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 
 from sdd.config import to_yaml
 from sdd.errors import UserError
-from sdd.loop import FitResult, fit, make_accelerator, plan_run, solve
+from sdd.loop import FitResult, fit, list_checkpoints, load_method_checkpoint, make_accelerator, plan_run, solve
 from sdd.methods import esd, finetune, hfi, rece, reward, salun, sdd, shapes_base, uce
 
 
@@ -63,6 +63,39 @@ def train(cfg) -> FitResult:
     accelerator.end_training()
     _release(accelerator)
     return result
+
+
+def checkpoint_folder(run_dir: str, checkpoint: str = "latest") -> str:
+    """The folder of a run's checkpoint: ``latest``, a ``step-NNNNNN`` name, or a folder."""
+    import os
+
+    if checkpoint == "latest":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise UserError(f"{run_dir}/checkpoints holds no checkpoint")
+        return found[-1]
+    if os.path.isdir(checkpoint):
+        return checkpoint
+    folder = os.path.join(run_dir, "checkpoints", checkpoint)
+    if not os.path.isdir(folder):
+        raise UserError(f"--checkpoint: no such checkpoint: {folder}")
+    return folder
+
+
+def export_checkpoint(cfg, run_dir: str, checkpoint: str, out: str) -> dict[str, str]:
+    """Export ``checkpoint`` (see :func:`checkpoint_folder`) of the run in ``run_dir`` trained with ``cfg`` (its
+    last stage rebuilt, the checkpoint loaded) into ``out``; kind -> path. What ``sdd.api.export`` and the
+    time-to-target race run."""
+    from sdd.files import check_writable_dir, remove_stale_temporaries, reporting_write_failures
+
+    folder = checkpoint_folder(run_dir, checkpoint)
+    check_writable_dir(out, "--out")
+    built = entry(cfg.method).stages(cfg)[-1][1](cfg)
+    load_method_checkpoint(built, folder)
+    for where in {run_dir, out}:  # what killed exports left behind
+        remove_stale_temporaries(where)
+    with reporting_write_failures(out, "export"):
+        return built.export(out)
 
 
 def _release(accelerator) -> None:
