@@ -67,7 +67,11 @@ def test_a_race_on_the_tiny_model_stops_at_the_target_and_resumes(tiny_configs, 
         assert seed["seconds"] == state["seconds"] > 0
         cached = json.load(open(os.path.join(seed["run"], "race.json")))["points"]
         assert list(cached) == ["step-000002"]  # judged up to the first that met the target, not step 4
-    assert slow["ratio"] == 1.0
+    assert slow["ratio"] == 1.0 and slow["run_ratio"] == 1.0
+    slow_run = json.load(open(os.path.join(slow["seeds"][0]["run"], "checkpoints", "step-000004",
+                                           "trainer_state.json")))["seconds"]
+    assert slow["seeds"][0]["run_seconds"] == slow_run > slow["seeds"][0]["seconds"]  # the whole run: 4 steps
+    assert fast["run_ratio"] == round(slow_run / fast["seeds"][0]["run_seconds"], 2)
     assert fast["ratio"] == round(slow["seeds"][0]["seconds"] / fast["seeds"][0]["seconds"], 2)
     with open(os.path.join(out, "race.md")) as f:
         assert "| fast | 0 | 2 |" in f.read()

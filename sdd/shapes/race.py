@@ -10,7 +10,8 @@ prompts' colour and shape accuracy at most ``band`` below the base model's on th
 concept's prompts kept in at least ``min_kept`` of its images. Its training seconds (the loop's wall time up to
 that checkpoint, ``seconds`` in the checkpoint's trainer state) are the time to target; the first config is the
 reference (the paper's loop), and every other gets the ratio reference / it per seed and over all seeds (summed
-seconds). A config that never meets the target within its steps says so with its last checkpoint's numbers.
+seconds), beside the same ratio for the whole runs. A config that never meets the target within its steps says so
+with its last checkpoint's numbers.
 
 Training runs one after another in this process, so every config sees the same machine in the same run. The race
 resumes: a finished training run (``train_summary.json``) is not trained again, an interrupted one continues from
@@ -59,6 +60,7 @@ class Lane:
     seed: int
     run_dir: str
     steps: int
+    run_seconds: float = 0.0  # the whole run's training seconds (its last checkpoint's)
     points: list[Point] = field(default_factory=list)
 
     @property
@@ -139,9 +141,10 @@ def run_lane(cfg, label: str, seed: int, base: dict, settings: bench.BenchSettin
         with open(cache_path, encoding="utf-8") as f:
             saved = json.load(f)
         cache = saved["points"] if saved.get("settings") == key else {}
-    lane = Lane(label, seed, run_dir, cfg.train.steps)
+    checkpoints = list_checkpoints(run_dir)
+    lane = Lane(label, seed, run_dir, cfg.train.steps, _checkpoint_state(checkpoints[-1])["seconds"])
     concepts = bench.concepts_of(settings.concept)
-    for folder in list_checkpoints(run_dir):
+    for folder in checkpoints:
         state = _checkpoint_state(folder)
         name = os.path.basename(folder)
         if name not in cache:
@@ -199,6 +202,7 @@ def summarise(lanes: Sequence[Lane], labels: Sequence[str], seeds: Sequence[int]
             last = hit or (lane.points[-1] if lane.points else None)
             per_seed.append({
                 "seed": seed, "steps": hit.step if hit else None, "seconds": hit.seconds if hit else None,
+                "run_seconds": lane.run_seconds, "run_ratio": round(ref.run_seconds / lane.run_seconds, 2),
                 "ratio": round(ref_hit.seconds / hit.seconds, 2) if hit and ref_hit else None,
                 "point": asdict(last) if last else None, "run": lane.run_dir,
             })
@@ -209,6 +213,9 @@ def summarise(lanes: Sequence[Lane], labels: Sequence[str], seeds: Sequence[int]
             "label": label, "seeds": per_seed,
             "seconds_total": round(sum(s["seconds"] for s in reached), 1) if all_reached else None,
             "ratio": round(sum(ref_seconds) / sum(s["seconds"] for s in reached), 2) if all_reached else None,
+            "run_seconds_total": round(sum(s["run_seconds"] for s in per_seed), 1),
+            "run_ratio": round(sum(s["run_seconds"] for s in rows[0]["seeds"]) / sum(s["run_seconds"] for s in per_seed)
+                               if rows else 1.0, 2),
         })
     return {"benchmark": "shapesworld-time-to-target", "settings": asdict(settings), "target": asdict(target),
             "every": every, "seeds": list(seeds), "base": base, "rows": rows}
@@ -223,9 +230,9 @@ def format_report(report: dict) -> str:
              + (f", kept at least {t['min_kept']:g}" if t["min_kept"] else "")
              + f"; checkpoints every {report['every']} steps; benchmark {s['n']} / {s['n']} / {s['n_retention']} "
              f"images at seeds {s['seed']}..", "",
-             "| config | training seed | steps to target | seconds to target | ratio | "
+             "| config | training seed | steps to target | seconds to target | ratio | whole run (s) | ratio | "
              + " | ".join(f"{c} on prompts asking" for c in concepts) + " | colour acc., other | shape acc., other |",
-             "|---|---|---|---|---|" + "---|" * (len(concepts) + 2)]
+             "|---|---|---|---|---|---|---|" + "---|" * (len(concepts) + 2)]
     for row in report["rows"]:
         for seed in row["seeds"]:
             p = seed["point"]
@@ -235,10 +242,10 @@ def format_report(report: dict) -> str:
             lines.append(
                 f"| {row['label']} | {seed['seed']} | {seed['steps'] if reached else 'not reached'} | "
                 f"{seed['seconds'] if reached else '–'} | {seed['ratio'] if seed['ratio'] is not None else '–'} | "
-                + " | ".join(rates) + f" | {_count(m, 'retention_colour')} | {_count(m, 'retention_shape')} |")
-        if row["ratio"] is not None:
-            lines.append(f"| {row['label']}, all seeds | | | {row['seconds_total']} | **{row['ratio']}** | "
-                         + " | " * (len(concepts) + 1) + " |")
+                f"{seed['run_seconds']:.1f} | {seed['run_ratio']} | " + " | ".join(rates)
+                + f" | {_count(m, 'retention_colour')} | {_count(m, 'retention_shape')} |")
+        lines.append(f"| {row['label']}, all seeds | | | {row['seconds_total'] or '–'} | **{row['ratio'] or '–'}** | "
+                     f"{row['run_seconds_total']} | **{row['run_ratio']}** | " + " | " * (len(concepts) + 1) + " |")
     b = report["base"]
     lines += ["", f"Base model: colour {b['retention_colour']['k']}/{b['retention_colour']['n']}, shape "
               f"{b['retention_shape']['k']}/{b['retention_shape']['n']} on the other prompts."]
