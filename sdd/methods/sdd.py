@@ -63,6 +63,25 @@ def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], decay:
         torch._foreach_lerp_(teacher, student, 1.0 - decay)
 
 
+def erase_texts(concepts, templates, roles: str) -> tuple[list[str], list[str], list[str]]:
+    """The prompts of SDD's roles: (student's c_s, teacher's c_p, targets), aligned by concept index. The papers'
+    SDD (``templates == ["{}"]``): c_s = the concepts joined, c_p = one concept, no target texts (the empty
+    prompt); ``official`` roles swap c_s and c_p. With templates, each template with the concepts in the same
+    roles, its target the template without them ("a red {}" -> "a red")."""
+    joined = ", ".join(concepts)
+    if list(templates) == ["{}"]:
+        student, sampler = [joined], list(concepts)
+        return (sampler, student, []) if roles == "official" else (student, sampler, [])
+
+    def fill(template: str, text: str) -> str:
+        return " ".join(template.replace("{}", text).split())
+
+    student = [fill(t, joined) for t in templates for _ in concepts]
+    sampler = [fill(t, c) for t in templates for c in concepts]
+    targets = [fill(t, "") for t in templates for _ in concepts]
+    return (sampler, student, targets) if roles == "official" else (student, sampler, targets)
+
+
 # --- configuration -------------------------------------------------------------------------------------------
 
 
@@ -100,6 +119,10 @@ class SDDSettings:
     resolution: Optional[int] = None  # image size; default: the model's
     preserve_prompts: list[str] = field(default_factory=list)  # predictions held at the frozen original's
     preserve_weight: float = 1.0  # lambda of the preservation term (used only with preserve_prompts)
+    # prompts the concept is erased in ({} = the concept; not in the papers): the teacher samples toward each
+    # template with the concept, the student's template with the concept is sent to the same template without it
+    # ("a red {}": "a red circle" -> "a red"); ["{}"] is the papers' SDD (the concept -> the empty prompt)
+    templates: list[str] = field(default_factory=lambda: ["{}"])
     adversarial: AdversarialSettings = field(default_factory=AdversarialSettings)
     # training latents from one teacher trajectory (not in the papers; 1: the paper's loop, one latent per
     # trajectory): R > 1 draws R values of k for each trajectory, runs it to the largest and takes its latent after
@@ -114,6 +137,8 @@ class SDDSettings:
         check(self.beta_a > 0 and self.beta_b > 0, "sdd.beta_a/beta_b", "must be > 0")
         check(self.preserve_weight >= 0, "sdd.preserve_weight", f"must be >= 0, got {self.preserve_weight}")
         check(all(p.strip() for p in self.preserve_prompts), "sdd.preserve_prompts", "a prompt is empty")
+        check(len(self.templates) > 0 and all(t.count("{}") == 1 for t in self.templates), "sdd.templates",
+              "each template must contain {} once")
 
 
 @dataclass
@@ -160,14 +185,11 @@ class SDDMethod:
         )
 
         s = cfg.sdd
-        joined = ", ".join(cfg.concepts)
-        student_texts, sampler_texts = ([joined], list(cfg.concepts))
-        if s.concept_roles == "official":
-            student_texts, sampler_texts = sampler_texts, student_texts
-        self.student_texts, self.sampler_texts = student_texts, sampler_texts
+        student_texts, sampler_texts, target_texts = erase_texts(cfg.concepts, s.templates, s.concept_roles)
+        self.student_texts, self.sampler_texts, self.target_texts = student_texts, sampler_texts, target_texts
         self.preserve_texts = list(s.preserve_prompts)
-        self.texts = common.TextEmbeddings(self.base, ["", *student_texts, *sampler_texts, *self.preserve_texts],
-                                           cfg.perf.cache_text_embeddings)
+        self.texts = common.TextEmbeddings(self.base, ["", *student_texts, *sampler_texts, *self.preserve_texts,
+                                                       *target_texts], cfg.perf.cache_text_embeddings)
         self.scheduler = common.ddim_grid(self.base, s.ddim_steps)
         self.resolution = s.resolution or self.base.default_resolution
         self.latent_shape = common.latent_shape(self.base, self.resolution)
@@ -204,6 +226,15 @@ class SDDMethod:
         c_student, c_sampler = embeds[1 : 1 + n_s], embeds[1 + n_s : 1 + n_s + n_p]
         return embeds[:1], c_sampler[idx % n_p], c_student[idx % n_s]
 
+    def target_conditioning(self, idx: torch.Tensor) -> torch.Tensor:
+        """What the student's concept prediction is sent to, per latent of concept indices ``idx``: the empty
+        prompt's (one row, the papers' SDD) or, with ``sdd.templates``, each template without the concept."""
+        embeds = self.texts.get()
+        if not self.target_texts:
+            return embeds[:1]
+        rows = embeds[len(embeds) - len(self.target_texts):]
+        return rows[idx % len(self.target_texts)].repeat_interleave(self.cfg.sdd.latents_per_trajectory, 0)
+
     def student_loss(self, model, z_t, t, c_uncond, c_s) -> torch.Tensor:
         """SDD's loss on the student: its concept prediction toward its own unconditional one."""
         batch = z_t.shape[0]
@@ -236,7 +267,7 @@ class SDDMethod:
         z_T, k, idx = self.draw(micro_step, generator)
         with timing.region("sampling"):
             z_t, t, c_uncond, c_s = self.sample_latents(model, z_T, k, idx)
-        loss = self.student_loss(model, z_t, t, c_uncond, c_s)
+        loss = self.student_loss(model, z_t, t, self.target_conditioning(idx), c_s)
         logs = {"k": k.float().mean().item()}
         if self.preserve_texts:
             keep = self.preserve_loss(model, z_t, t, self.preserve_conditioning(micro_step))

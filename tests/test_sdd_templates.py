@@ -1,0 +1,72 @@
+"""SDD's ``sdd.templates``: the concept erased inside prompts, each sent to the same prompt without it."""
+
+import pytest
+import torch
+
+from sdd.config import load_config
+from sdd.errors import ConfigError
+from sdd.loop import make_accelerator, step_generator
+from sdd.methods.sdd import SDDConfig, SDDMethod, erase_texts, sdd_loss
+
+
+def build(tiny_args, *overrides):
+    args = tiny_args(*overrides)
+    cfg = load_config(SDDConfig, args[1], args[2:])
+    accelerator = make_accelerator(cfg.train, cfg.tracking, cfg.output_dir)
+    return cfg, SDDMethod(cfg, accelerator.device)
+
+
+def test_the_roles_by_hand():
+    # the papers' SDD: c_s all concepts joined, c_p one each; no target texts (the empty prompt)
+    assert erase_texts(["red", "circle"], ["{}"], "paper") == (["red, circle"], ["red", "circle"], [])
+    assert erase_texts(["red", "circle"], ["{}"], "official") == (["red", "circle"], ["red, circle"], [])
+    # templates: every template with the concepts, in the same roles, aligned by index; target without them
+    assert erase_texts(["circle"], ["{}", "a red {}", "a {} in blue"], "paper") == (
+        ["circle", "a red circle", "a circle in blue"], ["circle", "a red circle", "a circle in blue"],
+        ["", "a red", "a in blue"])
+    assert erase_texts(["red", "circle"], ["a {}"], "paper") == (
+        ["a red, circle", "a red, circle"], ["a red", "a circle"], ["a", "a"])
+    assert erase_texts(["red", "circle"], ["a {}"], "official") == (
+        ["a red", "a circle"], ["a red, circle", "a red, circle"], ["a", "a"])
+
+
+def test_default_templates_are_the_papers_sdd_to_the_bit(tiny_args):
+    _, plain = build(tiny_args, "train.batch_size=2")
+    _, spelled = build(tiny_args, "train.batch_size=2", "sdd.templates=['{}']")
+    assert plain.target_texts == [] and torch.equal(plain.target_conditioning(torch.tensor([0, 1])),
+                                                    plain.texts.get()[:1])
+    a, _ = plain.compute_loss(plain.model, 1, step_generator(0, 0, 1))
+    b, _ = spelled.compute_loss(spelled.model, 1, step_generator(0, 0, 1))
+    assert a.item() == b.item()
+
+
+def test_each_latent_is_sent_to_its_template_without_the_concept(tiny_args):
+    templates = ["a red {}", "{} at night"]
+    cfg, method = build(tiny_args, "train.batch_size=4", "sdd.latents_per_trajectory=2", "concepts=[circle]",
+                        f"sdd.templates={templates}")
+    with torch.no_grad():  # move the student off the teacher so the loss is not trivially the same everywhere
+        for p in method.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    enc = method.base.family.encode
+    z_T, k, idx = method.draw(1, step_generator(0, 0, 1))
+    # micro-step 1, two trajectories: latents 2 and 3 of the round robin over the two templates -> 0 and 1
+    assert idx.tolist() == [0, 1]
+    z_t, t, c_uncond, c_s = method.sample_latents(method.model, z_T, k, idx)
+    want_s = enc(method.base, ["a red circle", "a red circle", "circle at night", "circle at night"])
+    want_target = enc(method.base, ["a red", "a red", "at night", "at night"])
+    assert torch.allclose(c_s, want_s, atol=1e-6)
+    assert torch.allclose(method.target_conditioning(idx), want_target, atol=1e-6)
+    with torch.no_grad():
+        by_hand = sdd_loss(method.model(z_t, t, encoder_hidden_states=want_s).sample,
+                           method.model(z_t, t, encoder_hidden_states=want_target).sample)
+        loss, _ = method.compute_loss(method.model, 1, step_generator(0, 0, 1))
+    assert by_hand.item() > 0 and loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    # the teacher sampled toward the template with the concept: c_p of each trajectory
+    _, c_p, _ = method.conditioning(idx)
+    assert torch.allclose(c_p, enc(method.base, ["a red circle", "circle at night"]), atol=1e-6)
+
+
+def test_a_template_without_its_slot_is_a_clear_error(tiny_args):
+    with pytest.raises(ConfigError, match="sdd.templates"):
+        build(tiny_args, "sdd.templates=['a red circle']")
