@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from sdd import timing
 from sdd.config import check
-from sdd.export import ModelCard
+from sdd.errors import UserError
+from sdd.export import ModelCard, check_format
 from sdd.methods import common
 from sdd.params import configure_trainable
 from sdd.perf import apply_to_unet, ema_loop_, frozen_copy, sampling_autocast
@@ -140,9 +141,10 @@ class SDDMethod:
         self.process_index, self.num_processes = process_index, num_processes
         self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
                                      single_file_config=cfg.model.single_file_config)
+        check_format(self.base, cfg.export.format)  # before training, not after it
         self.model = self.base.unet
         self.denoise = self.base.family.denoise  # one denoiser call of the model's family (sdd.families)
-        self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora)
+        self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora, self.base.family.parameter_sets)
         self.model.train()
         self.teacher = frozen_copy(self.model, common.share_frozen(cfg.perf))
         # the model as it was, for the preservation term (shares the frozen tensors; costs the trainable ones)
@@ -306,6 +308,9 @@ class Adversary:
     def __init__(self, base, settings: AdversarialSettings, concept_text: str):
         import copy
 
+        if base.text_encoder_2 is not None:
+            raise UserError("sdd.adversarial: the inner attack learns one text encoder's token embedding; "
+                            "models with two (SDXL) are not supported yet, set sdd.adversarial.every=0")
         self.base, self.settings = base, settings
         tokenizer = copy.deepcopy(base.tokenizer)  # the exported model's tokenizer never holds the token
         tokenizer.add_tokens(["<adversarial>"])
