@@ -187,6 +187,10 @@ def test_training_on_tiny_sdxl_exports_an_sdxl_pipeline_that_loads_and_generates
     base = m.family.pipeline(m)
     base.set_progress_bar_config(disable=True)
     assert abs(erased - image(base)).max() > 1e-6  # training moved the weights
+    if finetune == "xattn":  # the API's (and sdd-generate's) pipeline of a run folder is the family's
+        from sdd.api import load_pipeline
+
+        assert type(load_pipeline(out)) is StableDiffusionXLPipeline
     if finetune == "lora":
         base.load_lora_weights(str(out / "lora"))
         assert abs(image(base) - erased).max() < 1e-4  # the adapters are the merged export
@@ -199,6 +203,25 @@ def test_single_file_export_of_sdxl_is_refused_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_robust_sdd_on_sdxl_is_one_clear_error(tmp_path):
-    with pytest.raises(UserError, match="models with two \\(SDXL\\) are not supported yet"):
-        sdd_method(tmp_path, "sdd.adversarial.every=1")
+@pytest.mark.parametrize("override", ["sdd.adversarial.every=1", "learned_embeds=token.safetensors"])
+def test_one_text_encoder_features_on_sdxl_are_one_clear_error(tmp_path, override):
+    with pytest.raises(UserError, match="models with two \\(SDXL\\) are not supported yet") as err:
+        sdd_method(tmp_path, override)
+    assert "\n" not in str(err.value)
+
+
+def test_the_sdxl_config_runs_its_memory_plan_on_tiny_sdxl(tmp_path):
+    """configs/sdd/nudity_sdxl.yaml scaled down to tiny-sdxl (size and steps only) trains and exports with its bf16
+    autocast, gradient checkpointing and bf16 teacher passes; the LoRA line its comments give for 24 GB applies."""
+    path = ROOT / "configs" / "sdd" / "nudity_sdxl.yaml"
+    lora = next(line for line in path.read_text().splitlines() if "finetune=lora" in line).strip("# ").split()
+    tiny = ["model.pretrained=tiny-sdxl", "sdd.resolution=32", "train.steps=1", "sdd.ddim_steps=2",
+            "tracking.tracker=none", "tracking.num_inference_steps=2", "train.checkpoint_every=0"]
+    cfg = load_config(SDDConfig, str(path), [*tiny, f"output_dir={tmp_path / 'run'}"])
+    assert cfg.train.mixed_precision == "bf16" and cfg.perf.gradient_checkpointing and cfg.finetune == "xattn"
+    method = SDDMethod(cfg)
+    fit(make_accelerator(cfg.train, cfg.tracking, cfg.output_dir), method, cfg)
+    assert method.model.is_gradient_checkpointing
+    assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+    with_lora = SDDMethod(load_config(SDDConfig, str(path), [*tiny, f"output_dir={tmp_path / 'lora'}", *lora]))
+    assert with_lora.trainable_names and all("lora_" in n for n in with_lora.trainable_names)
