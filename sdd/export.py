@@ -109,13 +109,6 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
-def check_format(base: SDComponents, format: str) -> None:
-    """Refuse an export format the model's family cannot be written in (before a run trains, and at export)."""
-    if format != "diffusers" and base.text_encoder_2 is not None:
-        raise UserError(f"export.format={format}: single-file SDXL checkpoints are not supported yet; "
-                        "use export.format=diffusers")
-
-
 def export_model(
     out_dir: str,
     base: SDComponents,
@@ -135,7 +128,6 @@ def export_model(
 
     if base.vae is None:
         raise UserError("export: the model has no VAE, so no pipeline can be written")
-    check_format(base, format)
     if format != "diffusers" and is_lora and not merge_lora:
         raise UserError("export.format: a single file holds the merged model; set export.merge_lora=true")
     torch_dtype = DTYPES[dtype]
@@ -156,7 +148,9 @@ def export_model(
         if full_unet is not None and format != "diffusers":
             path = os.path.join(out_dir, "model.safetensors")
             write_single_file(path, full_unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler,
-                              dtype=torch_dtype, config_folder=os.path.join(out_dir, "model-config"))
+                              dtype=torch_dtype, config_folder=os.path.join(out_dir, "model-config"),
+                              text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+                              force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt)
             written["single-file"] = path
             written["single-file-config"] = os.path.join(out_dir, "model-config")
         if full_unet is not None and format != "single-file":

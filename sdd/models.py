@@ -170,12 +170,14 @@ def build_tiny_sdxl(seed: int = 0, sample_size: int = 16) -> SDComponents:
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
             transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=6 * 8 + 32,  # time ids + the pooled projection
-            cross_attention_dim=64,  # the two encoders' widths, concatenated
+            projection_class_embeddings_input_dim=6 * 8 + 48,  # time ids + the pooled projection
+            cross_attention_dim=32 + 48,  # the two encoders' widths, concatenated
         )
         vae = tiny_vae(sample_size * 2)
         text_encoder = CLIPTextModel(tiny_text_config(hidden_act="quick_gelu"))
-        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(hidden_act="gelu", pad_token_id=0))
+        # wider than the first, as bigG is than CLIP-L: a single file's converter tells the two apart by width
+        text_encoder_2 = CLIPTextModelWithProjection(
+            tiny_text_config(hidden_act="gelu", pad_token_id=0, hidden_size=48, projection_dim=48))
     scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval()
@@ -253,8 +255,8 @@ def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae
     if pretrained == "sd15-random":
         return build_sd15_random()
     if pretrained.lower().endswith((".safetensors",) + PICKLE_SUFFIXES) or os.path.isfile(pretrained):
-        parts = load_single_file(pretrained, single_file_config, with_vae=with_vae)
-        return SDComponents(*parts, source=pretrained)
+        *parts, extra = load_single_file(pretrained, single_file_config, with_vae=with_vae)
+        return SDComponents(*parts, source=pretrained, **extra)
     if pretrained == "shapes":
         if not os.path.isdir(SHAPES_MODEL_DIR):
             raise UserError(f"model.pretrained: the ShapesWorld model is not installed at {SHAPES_MODEL_DIR}")

@@ -1,8 +1,8 @@
 """SDXL on the seam (``tiny-sdxl``): loading (built in, SDXL folders), SDD's loss and the partial sampler against
 numbers computed with diffusers' own ``StableDiffusionXLPipeline`` (its ``encode_prompt`` and time ids, the UNet
 called directly), the parameter sets, and training runs whose export loads with ``StableDiffusionXLPipeline``
-(``from_pretrained``; LoRA: ``load_lora_weights``) and generates. Encoding and CFG generation equal to the pipeline:
-tests/test_families.py."""
+(``from_pretrained``; LoRA: ``load_lora_weights``; the single file: our loader) and generates. Encoding and CFG
+generation equal to the pipeline: tests/test_families.py; the single-file round trip: tests/test_single_file.py."""
 
 import json
 
@@ -175,6 +175,8 @@ def test_training_on_tiny_sdxl_exports_an_sdxl_pipeline_that_loads_and_generates
             f"finetune={finetune}"]
     if finetune == "lora":
         args += ["train.lr=5e-2", "sdd.ema_decay=0.0"]
+    if finetune == "xattn":
+        args += ["export.format=both"]
     assert load_script(script).main(args).steps == 2
     card = (out / "README.md").read_text()
     assert "StableDiffusionXLPipeline.from_pretrained" in card and "base_model:" not in card
@@ -191,16 +193,16 @@ def test_training_on_tiny_sdxl_exports_an_sdxl_pipeline_that_loads_and_generates
         from sdd.api import load_pipeline
 
         assert type(load_pipeline(out)) is StableDiffusionXLPipeline
+        # the single file reads back as the same SDXL model
+        single = load_components(str(out / "model.safetensors"))
+        assert single.family.name == "sdxl"
+        for part in ("unet", "text_encoder_2"):
+            theirs = getattr(pipe, part).state_dict()
+            for name, p in getattr(single, part).state_dict().items():
+                assert torch.equal(p, theirs[name]), name
     if finetune == "lora":
         base.load_lora_weights(str(out / "lora"))
         assert abs(image(base) - erased).max() < 1e-4  # the adapters are the merged export
-
-
-def test_single_file_export_of_sdxl_is_refused_before_training(tmp_path):
-    with pytest.raises(UserError, match="single-file SDXL checkpoints are not supported yet") as err:
-        sdd_method(tmp_path, "export.format=both")
-    assert "\n" not in str(err.value)
-    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("override", ["sdd.adversarial.every=1", "learned_embeds=token.safetensors"])

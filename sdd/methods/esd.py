@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from sdd import timing
 from sdd.config import TrainConfig, check
-from sdd.export import ModelCard, check_format
+from sdd.export import ModelCard
 from sdd.methods import common
 from sdd.params import configure_trainable
 from sdd.perf import apply_to_unet, frozen_copy, sampling_autocast
@@ -85,7 +85,6 @@ class ESDMethod:
         self.process_index, self.num_processes = process_index, num_processes
         self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
                                      single_file_config=cfg.model.single_file_config)
-        check_format(self.base, cfg.export.format)  # before training, not after it
         self.model = self.base.unet
         self.denoise = self.base.family.denoise  # one denoiser call of the model's family (sdd.families)
         finetune = FINETUNE_SETS.get(cfg.finetune, cfg.finetune)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from sdd import timing
 from sdd.config import check
 from sdd.errors import UserError
-from sdd.export import ModelCard, check_format
+from sdd.export import ModelCard
 from sdd.methods import common
 from sdd.params import configure_trainable
 from sdd.perf import apply_to_unet, ema_loop_, frozen_copy, sampling_autocast
@@ -141,7 +141,6 @@ class SDDMethod:
         self.process_index, self.num_processes = process_index, num_processes
         self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
                                      single_file_config=cfg.model.single_file_config)
-        check_format(self.base, cfg.export.format)  # before training, not after it
         self.model = self.base.unet
         self.denoise = self.base.family.denoise  # one denoiser call of the model's family (sdd.families)
         self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora, self.base.family.parameter_sets)
