@@ -38,6 +38,7 @@ from typing import Callable, Optional
 import torch
 
 from sdd.errors import UserError
+from sdd.families import family as model_family
 from sdd.files import atomic_path, to_json
 
 CONFIG_DIR = str(resources.files("sdd") / "assets" / "single-file")
@@ -120,7 +121,7 @@ class Family:
     text_to_original: Callable[..., dict]  # one state dict per text encoder
     hidden_act: str  # what the diffusers text encoder of this family uses (tells the layout on export)
     pad_token: str  # the tokenizer's padding (OpenCLIP pads with "!", CLIP with end-of-text)
-    pipeline: str = "StableDiffusionPipeline"  # the diffusers class whose from_single_file reads the family
+    model_family: str = "sd"  # its sdd.families name: the pipeline whose from_single_file reads it, how it encodes
     encoders: int = 1  # text encoders (SDXL: 2; the second pads with "!")
 
 
@@ -129,7 +130,7 @@ FAMILIES = [
            "quick_gelu", "<|endoftext|>"),
     Family("SD-2.x", OPEN_CLIP_PREFIX + "token_embedding.weight", 1024, "sd21", open_clip_to_original, "gelu", "!"),
     Family("SDXL", XL_OPEN_CLIP_PREFIX + "token_embedding.weight", 1280, "sdxl", sdxl_text_to_original, "quick_gelu",
-           "<|endoftext|>", "StableDiffusionXLPipeline", encoders=2),
+           "<|endoftext|>", "sdxl", encoders=2),
 ]
 
 
@@ -394,8 +395,8 @@ def _tokenizer(configs: Optional[dict], folder: Optional[str], name: str, pad_to
 
 def load_single_file(path: str, config: Optional[str] = None, *, with_vae: bool = True):
     """(unet, text_encoder, tokenizer, scheduler, vae, extra) from a single-file checkpoint, offline, in fp32;
-    ``extra`` holds the rest of an SDXL model (``family_name``, ``text_encoder_2``, ``tokenizer_2``,
-    ``force_zeros_for_empty_prompt``: ``sdd.models.SDComponents``' fields), {} for SD-1.x/2.x."""
+    ``extra`` holds ``sdd.models.SDComponents``' other fields: the model family's name and, for SDXL,
+    ``text_encoder_2``, ``tokenizer_2`` and ``force_zeros_for_empty_prompt``."""
     import diffusers
 
     check_path(path)
@@ -423,16 +424,16 @@ def load_single_file(path: str, config: Optional[str] = None, *, with_vae: bool 
         try:
             with warnings.catch_warnings(), _quiet_diffusers():
                 warnings.simplefilter("ignore")
-                pipe = getattr(diffusers, family.pipeline).from_single_file(
+                pipe = model_family(family.model_family).pipeline_class().from_single_file(
                     path, config=folder, local_files_only=True, torch_dtype=torch.float32, scheduler=scheduler,
                     **components)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             text = " ".join(str(err).split())[:200]
             raise UserError(f"model.pretrained: could not read {path} as the model its config describes: "
                             f"{text}") from None
-    extra = {}
+    extra = {"family_name": family.model_family}
     if family.encoders == 2:
-        extra = dict(family_name="sdxl", text_encoder_2=pipe.text_encoder_2, tokenizer_2=components["tokenizer_2"],
+        extra.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=components["tokenizer_2"],
                      force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
     for module in (pipe.unet, pipe.text_encoder, pipe.vae, extra.get("text_encoder_2")):
         if module is not None:
