@@ -1,6 +1,7 @@
 """Export an erased model in formats people load elsewhere.
 
-``<out>/pipeline/``              a diffusers StableDiffusionPipeline folder (``from_pretrained`` loads it)
+``<out>/pipeline/``              a folder of the family's diffusers pipeline (``StableDiffusionPipeline``,
+                                 ``StableDiffusionXLPipeline``; ``from_pretrained`` loads it)
 ``<out>/unet.safetensors``       the UNet alone, one safetensors file with diffusers keys
 ``<out>/lora/pytorch_lora_weights.safetensors``   LoRA runs: ``pipe.load_lora_weights`` loads it
 ``<out>/model.safetensors``      ``format=single-file``: UNet, VAE and text encoder in the original (A1111/ComfyUI)
@@ -14,6 +15,7 @@ Every path is written under a temporary name and renamed into place (see ``sdd.f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -40,7 +42,8 @@ class ModelCard:
     notes: str = ""
 
 
-def _card_text(card: ModelCard, has_pipeline: bool, has_lora: bool, has_single_file: bool = False) -> str:
+def _card_text(card: ModelCard, has_pipeline: bool, has_lora: bool, has_single_file: bool = False,
+               pipeline: str = "StableDiffusionPipeline") -> str:
     hub_base = card.base_model if card.base_model not in BUILT_IN_MODELS else None
     front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image"]
     if hub_base and not os.path.exists(hub_base) and not hub_base.endswith(".safetensors"):  # a hub id, not a path
@@ -69,15 +72,15 @@ def _card_text(card: ModelCard, has_pipeline: bool, has_lora: bool, has_single_f
         lines.append(f"| exported weights | {card.exported} |")
     for key, value in card.hyperparameters.items():
         lines.append(f"| {key} | `{value}` |")
-    lines += ["", "## Use", "", "```python", "import torch", "from diffusers import StableDiffusionPipeline", ""]
+    lines += ["", "## Use", "", "```python", "import torch", f"from diffusers import {pipeline}", ""]
     if has_pipeline:
-        lines += ['pipe = StableDiffusionPipeline.from_pretrained("pipeline")']
+        lines += [f'pipe = {pipeline}.from_pretrained("pipeline")']
     if has_single_file and not has_pipeline:
-        lines += ['pipe = StableDiffusionPipeline.from_single_file("model.safetensors", config="model-config",',
-                  '                                                local_files_only=True)']
+        lines += [f'pipe = {pipeline}.from_single_file("model.safetensors", config="model-config",',
+                  ' ' * (len(pipeline) + 25) + 'local_files_only=True)']
     if has_lora:
         lines += [
-            f'pipe = StableDiffusionPipeline.from_pretrained("{card.base_model}")  # the base model',
+            f'pipe = {pipeline}.from_pretrained("{card.base_model}")  # the base model',
             'pipe.load_lora_weights("lora")',
         ]
     lines += ['image = pipe("a photo of a cat").images[0]', "```", ""]
@@ -121,7 +124,7 @@ def export_model(
     """Write the export of ``unet`` (with ``base``'s VAE, text encoder, tokenizer and scheduler); return the paths.
     ``format``: ``diffusers`` (pipeline/, unet.safetensors), ``single-file`` (model.safetensors, model-config/) or
     ``both``."""
-    StableDiffusionPipeline = base.family.pipeline_class()  # the family's stock pipeline (sdd.families)
+    family = base.family  # its stock pipeline (sdd.families)
 
     if base.vae is None:
         raise UserError("export: the model has no VAE, so no pipeline can be written")
@@ -134,7 +137,7 @@ def export_model(
         if is_lora:
             path = os.path.join(out_dir, "lora")
             with atomic_path(path) as tmp:
-                StableDiffusionPipeline.save_lora_weights(
+                family.pipeline_class().save_lora_weights(
                     tmp,
                     unet_lora_layers={k: v.to(torch_dtype) for k, v in lora_state_dict(unet).items()},
                     safe_serialization=True,
@@ -145,26 +148,22 @@ def export_model(
         if full_unet is not None and format != "diffusers":
             path = os.path.join(out_dir, "model.safetensors")
             write_single_file(path, full_unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler,
-                              dtype=torch_dtype, config_folder=os.path.join(out_dir, "model-config"))
+                              dtype=torch_dtype, config_folder=os.path.join(out_dir, "model-config"),
+                              text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+                              force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt)
             written["single-file"] = path
             written["single-file-config"] = os.path.join(out_dir, "model-config")
         if full_unet is not None and format != "single-file":
             path = os.path.join(out_dir, "pipeline")
             def cast(module):  # copies, so the caller's fp32 modules stay untouched
-                return module if torch_dtype == torch.float32 else copy.deepcopy(module).to(torch_dtype)
+                if module is None or torch_dtype == torch.float32:
+                    return module
+                return copy.deepcopy(module).to(torch_dtype)
 
             with atomic_path(path) as tmp:
-                pipe = StableDiffusionPipeline(
-                    vae=cast(base.vae),
-                    text_encoder=cast(base.text_encoder),
-                    tokenizer=base.tokenizer,
-                    unet=cast(full_unet),
-                    scheduler=base.scheduler,
-                    safety_checker=None,
-                    feature_extractor=None,
-                    requires_safety_checker=False,
-                )
-                pipe.save_pretrained(tmp, safe_serialization=True)
+                parts = dataclasses.replace(base, vae=cast(base.vae), text_encoder=cast(base.text_encoder),
+                                            text_encoder_2=cast(base.text_encoder_2), unet=cast(full_unet))
+                family.pipeline(parts).save_pretrained(tmp, safe_serialization=True)
             written["pipeline"] = path
             path = os.path.join(out_dir, "unet.safetensors")
             with atomic_path(path) as tmp:
@@ -175,6 +174,7 @@ def export_model(
         written["config"] = path
         path = os.path.join(out_dir, "README.md")
         write_text(path, _card_text(card, has_pipeline=full_unet is not None and format != "single-file",
-                                    has_lora=is_lora, has_single_file=full_unet is not None and format != "diffusers"))
+                                    has_lora=is_lora, has_single_file=full_unet is not None and format != "diffusers",
+                                    pipeline=family.pipeline_class().__name__))
         written["card"] = path
     return written

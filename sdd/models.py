@@ -1,5 +1,5 @@
 """Stable Diffusion components: loaded from a diffusers folder / hub id / single file, or built tiny in code
-(``tiny``: SD-1.x, ``tiny-sd2v``: SD-2.x with v-prediction).
+(``tiny``: SD-1.x, ``tiny-sd2v``: SD-2.x with v-prediction, ``tiny-sdxl``: SDXL).
 
 Only safetensors are ever loaded (``use_safetensors=True``); pickled ``.bin``/``.ckpt`` weights are refused.
 """
@@ -21,7 +21,7 @@ from sdd.single_file import PICKLE_SUFFIXES, load_single_file
 
 TOKENIZER_DIR = str(resources.files("sdd") / "assets" / "clip-tokenizer")
 SHAPES_MODEL_DIR = str(resources.files("sdd") / "assets" / "shapes-base")
-BUILT_IN_MODELS = ("tiny", "tiny-sd2v", "shapes", "sd15-random")  # names model.pretrained builds or ships
+BUILT_IN_MODELS = ("tiny", "tiny-sd2v", "tiny-sdxl", "shapes", "sd15-random")  # names model.pretrained builds or ships
 
 
 @dataclass
@@ -35,6 +35,7 @@ class SDComponents:
     family_name: str = "sd"  # its model family (sdd.families): how to encode, call the denoiser, export
     text_encoder_2: Optional[torch.nn.Module] = None  # SDXL's second text encoder (with projection)
     tokenizer_2: Optional[CLIPTokenizer] = None
+    force_zeros_for_empty_prompt: bool = True  # SDXL: the empty prompt's conditioning is zeros (model_index.json)
 
     @property
     def family(self):
@@ -64,10 +65,15 @@ class SDComponents:
         return self.unet.config.sample_size * self.vae_scale_factor
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "SDComponents":
-        for module in (self.unet, self.text_encoder, self.text_encoder_2, self.vae):
+        for module in (self.unet, *self.text_encoders, self.vae):
             if module is not None:
                 module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
         return self
+
+    @property
+    def text_encoders(self) -> list:
+        """The model's text encoders (one for SD-1.x/2.x, two for SDXL)."""
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
 
 def load_tokenizer(path: str = TOKENIZER_DIR) -> CLIPTokenizer:
@@ -139,6 +145,16 @@ def build_tiny_sd2v(seed: int = 0, sample_size: int = 16) -> SDComponents:
                         source="tiny-sd2v")
 
 
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json: the DDIM keys ride along, so the partial DDIM
+# sampler built from it (sdd.methods.common.ddim_grid) neither clips x0 nor sets alpha_0 = 1, as SD's
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+
+
 def build_tiny_sdxl(seed: int = 0, sample_size: int = 16) -> SDComponents:
     """A randomly initialised SDXL-shaped model: the tiny UNet with ``text_time`` added conditioning, two CLIP text
     encoders (the second with a projection, ``"!"`` padding) and SDXL's Euler scheduler. Deterministic for a seed."""
@@ -154,14 +170,15 @@ def build_tiny_sdxl(seed: int = 0, sample_size: int = 16) -> SDComponents:
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
             transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=6 * 8 + 32,  # time ids + the pooled projection
-            cross_attention_dim=64,  # the two encoders' widths, concatenated
+            projection_class_embeddings_input_dim=6 * 8 + 48,  # time ids + the pooled projection
+            cross_attention_dim=32 + 48,  # the two encoders' widths, concatenated
         )
         vae = tiny_vae(sample_size * 2)
         text_encoder = CLIPTextModel(tiny_text_config(hidden_act="quick_gelu"))
-        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(hidden_act="gelu", pad_token_id=0))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="leading", steps_offset=1)
+        # wider than the first, as bigG is than CLIP-L: a single file's converter tells the two apart by width
+        text_encoder_2 = CLIPTextModelWithProjection(
+            tiny_text_config(hidden_act="gelu", pad_token_id=0, hidden_size=48, projection_dim=48))
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval()
     return SDComponents(unet, text_encoder, load_tokenizer(), scheduler, vae, source="tiny-sdxl", family_name="sdxl",
@@ -225,18 +242,21 @@ def _describe(err: Exception) -> str:
 
 def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae: bool = True,
                     single_file_config: Optional[str] = None) -> SDComponents:
-    """Components of an SD-1.x/2.x model: ``'tiny'``, ``'tiny-sd2v'``, ``'shapes'``, ``'sd15-random'``, a diffusers
-    folder, a hub id (``owner/name``), or a single-file ``.safetensors`` checkpoint in the original layout
-    (``sdd.single_file``; its config from ``single_file_config``, the file, or the family its keys show)."""
+    """Components of an SD-1.x/2.x or SDXL model: ``'tiny'``, ``'tiny-sd2v'``, ``'tiny-sdxl'``, ``'shapes'``,
+    ``'sd15-random'``, a diffusers folder (SDXL: with ``text_encoder_2/`` and ``tokenizer_2/``), a hub id
+    (``owner/name``), or a single-file ``.safetensors`` checkpoint in the original layout (``sdd.single_file``; its
+    config from ``single_file_config``, the file, or the family its keys show)."""
     if pretrained == "tiny":
         return build_tiny_sd()
     if pretrained == "tiny-sd2v":
         return build_tiny_sd2v()
+    if pretrained == "tiny-sdxl":
+        return build_tiny_sdxl()
     if pretrained == "sd15-random":
         return build_sd15_random()
     if pretrained.lower().endswith((".safetensors",) + PICKLE_SUFFIXES) or os.path.isfile(pretrained):
-        parts = load_single_file(pretrained, single_file_config, with_vae=with_vae)
-        return SDComponents(*parts, source=pretrained)
+        *parts, extra = load_single_file(pretrained, single_file_config, with_vae=with_vae)
+        return SDComponents(*parts, source=pretrained, **extra)
     if pretrained == "shapes":
         if not os.path.isdir(SHAPES_MODEL_DIR):
             raise UserError(f"model.pretrained: the ShapesWorld model is not installed at {SHAPES_MODEL_DIR}")
@@ -256,7 +276,11 @@ def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae
                 raise UserError(
                     f"model.pretrained: {pretrained} is not a diffusers model folder (no '{sub}/' subfolder)"
                 )
-        _refuse_pickles(pretrained, ["unet", "text_encoder"] + (["vae"] if with_vae else []))
+        encoders = ["text_encoder"] + (["text_encoder_2"] if _is_sdxl_folder(pretrained) else [])
+        for sub in encoders[1:] + ["tokenizer_2"] * (len(encoders) > 1):
+            if not os.path.isdir(os.path.join(pretrained, sub)):
+                raise UserError(f"model.pretrained: {pretrained} is an SDXL folder without '{sub}/'")
+        _refuse_pickles(pretrained, ["unet", *encoders] + (["vae"] if with_vae else []))
     kwargs = dict(revision=revision) if revision else {}
     from transformers.utils import logging as transformers_logging
 
@@ -266,13 +290,39 @@ def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae
         return _load(pretrained, kwargs, is_local, with_vae)
 
 
-def _load(pretrained: str, kwargs: dict, is_local: bool, with_vae: bool) -> SDComponents:
+def _model_index(pretrained: str, kwargs: dict) -> dict:
+    """The folder's ``model_index.json`` (which pipeline, and its options); {} when there is none."""
+    from diffusers import DiffusionPipeline
+
     try:
+        return dict(DiffusionPipeline.load_config(pretrained, **kwargs))
+    except (OSError, ValueError, EnvironmentError):
+        return {}
+
+
+def _is_sdxl_folder(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "text_encoder_2"))
+
+
+def _load(pretrained: str, kwargs: dict, is_local: bool, with_vae: bool) -> SDComponents:
+    xl = {}
+    try:
+        index = _model_index(pretrained, kwargs)
         unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", use_safetensors=True, **kwargs)
         text_encoder = CLIPTextModel.from_pretrained(
             pretrained, subfolder="text_encoder", use_safetensors=True, **kwargs
         )
         tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs)
+        if "text_encoder_2" in index or (is_local and _is_sdxl_folder(pretrained)):  # SDXL: two text encoders
+            from transformers import CLIPTextModelWithProjection
+
+            xl = dict(
+                family_name="sdxl",
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                    pretrained, subfolder="text_encoder_2", use_safetensors=True, **kwargs).eval(),
+                tokenizer_2=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kwargs),
+                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+            )
         scheduler = _load_scheduler(pretrained, kwargs)
         vae = (
             AutoencoderKL.from_pretrained(pretrained, subfolder="vae", use_safetensors=True, **kwargs)
@@ -291,7 +341,7 @@ def _load(pretrained: str, kwargs: dict, is_local: bool, with_vae: bool) -> SDCo
     for module in (unet, text_encoder, vae):
         if module is not None:
             module.eval()
-    components = SDComponents(unet, text_encoder, tokenizer, scheduler, vae, source=pretrained)
+    components = SDComponents(unet, text_encoder, tokenizer, scheduler, vae, source=pretrained, **xl)
     _ = components.prediction  # a prediction type no family handles is one clear error, here
     return components
 

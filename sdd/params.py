@@ -7,11 +7,14 @@ Names follow diffusers' UNet2DConditionModel (cross-attention = ``attn2``, self-
 - ``selfattn``: every parameter of a self-attention layer;
 - ``full``: everything;
 - ``lora``: low-rank adapters (PEFT) on ``lora.target_modules``; the base weights stay frozen.
+
+These are SD-1.x/2.x's sets; a model family names its own (``sdd.families``: SDXL's ``noxattn`` also leaves out
+``add_embedding``, the pooled-text and size pathway added to the time embedding) and the methods pass them in.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -27,8 +30,10 @@ SELECTORS: dict[str, Callable[[str], bool]] = {
 }
 
 
-def configure_trainable(unet: nn.Module, finetune: FinetuneSet, lora: LoraConfig | None = None) -> list[str]:
-    """Freeze ``unet`` except the chosen set (adding LoRA adapters for ``lora``); return the trainable names."""
+def configure_trainable(unet: nn.Module, finetune: FinetuneSet, lora: LoraConfig | None = None,
+                        parameter_sets: Mapping[str, Callable[[str], bool]] = SELECTORS) -> list[str]:
+    """Freeze ``unet`` except the chosen set of ``parameter_sets`` (the model family's; adding LoRA adapters for
+    ``lora``); return the trainable names."""
     unet.requires_grad_(False)
     if finetune == "lora":
         from peft import LoraConfig as PeftLoraConfig
@@ -43,7 +48,7 @@ def configure_trainable(unet: nn.Module, finetune: FinetuneSet, lora: LoraConfig
             )
         )  # adds the adapter with requires_grad=True on the LoRA weights only
     else:
-        select = SELECTORS[finetune]
+        select = parameter_sets[finetune]
         for name, param in unet.named_parameters():
             if select(name):
                 param.requires_grad_(True)

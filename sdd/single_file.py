@@ -2,19 +2,22 @@
 
 One ``.safetensors`` file holds the UNet (``model.diffusion_model.*``), the VAE (``first_stage_model.*``) and the
 text encoder (SD-1.x: ``cond_stage_model.transformer.text_model.*``, CLIP ViT-L; SD-2.x: ``cond_stage_model.model.*``,
-OpenCLIP ViT-H with fused ``in_proj`` attention). Such a file names no architecture, so reading it needs a config:
+OpenCLIP ViT-H with fused ``in_proj`` attention; SDXL: both of its encoders, ``conditioner.embedders.0.transformer.*``
+CLIP-L and ``conditioner.embedders.1.model.*`` OpenCLIP bigG with its ``text_projection``). Such a file names no
+architecture, so reading it needs a config:
 
 1. ``model.single_file_config``: a diffusers model folder (configs alone suffice) or a shipped name
    (``shipped_configs()``);
 2. else the file's own metadata: ``write_single_file`` embeds the diffusers configs (``sdd.configs``), so an export
    of any shape -- the tiny test model included -- reads back exactly;
 3. else the shipped config of the family its keys show (``FAMILIES``: the text encoder's layout and width), from
-   ``sdd/assets/single-file/<name>.json`` (SD-1.5; SD-2.1 768 px v-prediction, as diffusers also assumes).
+   ``sdd/assets/single-file/<name>.json`` (SD-1.5; SD-2.1 768 px v-prediction, as diffusers also assumes; SDXL
+   base 1.0).
 
 Reading goes through diffusers' own converter, ``StableDiffusionPipeline.from_single_file`` with ``config=`` a local
 folder and ``local_files_only=True``: never the hub. Writing is the inverse key map (diffusers -> original) of that
-converter, checked against it in ``tests/test_single_file.py``. A family (SDXL next) adds a ``Family`` entry: its
-detection key, its text-encoder map and its shipped config.
+converter, checked against it in ``tests/test_single_file.py``. A family adds a ``Family`` entry: its detection key,
+its text-encoder map and its shipped config.
 
 SD-2.x's text encoder is written in the OpenCLIP layout with the 23 blocks diffusers keeps: SD-2 reads the
 penultimate layer, so the original's last block (``resblocks.23``) and ``text_projection`` are never used and are
@@ -35,6 +38,7 @@ from typing import Callable, Optional
 import torch
 
 from sdd.errors import UserError
+from sdd.families import family as model_family
 from sdd.files import atomic_path, to_json
 
 CONFIG_DIR = str(resources.files("sdd") / "assets" / "single-file")
@@ -43,6 +47,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL's CLIP-L
+XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's OpenCLIP bigG
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 METADATA_KEY = "sdd.configs"  # the diffusers configs, as JSON, in the safetensors header
 
@@ -60,27 +66,33 @@ def _text_model_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if not k.endswith("position_ids")}
 
 
-def clip_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD-1.x: the HF CLIP layout under ``cond_stage_model.transformer.``."""
-    return {CLIP_PREFIX + k: v for k, v in _text_model_keys(state).items()}
+def clip_to_original(state: dict[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """SD-1.x: the HF CLIP layout under ``cond_stage_model.transformer.`` (SDXL's first encoder: ``prefix``)."""
+    return {prefix + k: v for k, v in _text_model_keys(state).items()}
 
 
 _OPEN_CLIP_NAMES = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
                     ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")]
 
 
-def open_clip_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD-2.x: OpenCLIP's layout under ``cond_stage_model.model.``, q/k/v fused into ``attn.in_proj_*``."""
+def open_clip_to_original(state: dict[str, torch.Tensor], prefix: str = OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """SD-2.x: OpenCLIP's layout under ``cond_stage_model.model.``, q/k/v fused into ``attn.in_proj_*`` (SDXL's
+    second encoder: under ``prefix``, with its projection: OpenCLIP's ``text_projection`` is x @ P, the transpose of
+    the diffusers ``text_projection.weight``)."""
+    state = dict(state)
+    projection = state.pop("text_projection.weight", None)
     state = {k[len("text_model."):]: v for k, v in _text_model_keys(state).items()}
     out = {
-        OPEN_CLIP_PREFIX + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
-        OPEN_CLIP_PREFIX + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
-        OPEN_CLIP_PREFIX + "ln_final.weight": state.pop("final_layer_norm.weight"),
-        OPEN_CLIP_PREFIX + "ln_final.bias": state.pop("final_layer_norm.bias"),
+        prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        prefix + "ln_final.weight": state.pop("final_layer_norm.weight"),
+        prefix + "ln_final.bias": state.pop("final_layer_norm.bias"),
     }
+    if projection is not None:
+        out[prefix + "text_projection"] = projection.T.contiguous()
     layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
     for i in layers:
-        src, dst = f"encoder.layers.{i}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}."
+        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             out[f"{dst}attn.in_proj_{kind}"] = torch.cat(
                 [state.pop(f"{src}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")])
@@ -89,6 +101,12 @@ def open_clip_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     if state:
         raise ValueError(f"text encoder keys with no OpenCLIP name: {sorted(state)[:3]}")
     return out
+
+
+def sdxl_text_to_original(state: dict[str, torch.Tensor], state_2: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SDXL: CLIP-L under ``conditioner.embedders.0.transformer.``, OpenCLIP bigG (every layer: SDXL reads the
+    penultimate hidden state itself, and the pooled output of the last) under ``conditioner.embedders.1.model.``."""
+    return {**clip_to_original(state, XL_CLIP_PREFIX), **open_clip_to_original(state_2, XL_OPEN_CLIP_PREFIX)}
 
 
 # --- families ---------------------------------------------------------------------------------------------------
@@ -100,25 +118,25 @@ class Family:
     text_key: str  # a key only this family's text encoder has; its last dimension is the text width
     text_width: int  # the width of the released models, which the shipped config describes
     config: str  # the shipped config for that width
-    text_to_original: Callable[[dict], dict]
+    text_to_original: Callable[..., dict]  # one state dict per text encoder
     hidden_act: str  # what the diffusers text encoder of this family uses (tells the layout on export)
     pad_token: str  # the tokenizer's padding (OpenCLIP pads with "!", CLIP with end-of-text)
-    pipeline: str = "StableDiffusionPipeline"  # the diffusers class whose from_single_file reads the family
+    model_family: str = "sd"  # its sdd.families name: the pipeline whose from_single_file reads it, how it encodes
+    encoders: int = 1  # text encoders (SDXL: 2; the second pads with "!")
 
 
 FAMILIES = [
     Family("SD-1.x", CLIP_PREFIX + "text_model.embeddings.token_embedding.weight", 768, "sd15", clip_to_original,
            "quick_gelu", "<|endoftext|>"),
     Family("SD-2.x", OPEN_CLIP_PREFIX + "token_embedding.weight", 1024, "sd21", open_clip_to_original, "gelu", "!"),
+    Family("SDXL", XL_OPEN_CLIP_PREFIX + "token_embedding.weight", 1280, "sdxl", sdxl_text_to_original, "quick_gelu",
+           "<|endoftext|>", "sdxl", encoders=2),
 ]
-SDXL_KEY_PREFIX = "conditioner.embedders."
 
 
 def detect(keys: dict[str, tuple[int, ...]], path: str = "checkpoint") -> tuple[Family, Optional[str]]:
     """The family of a checkpoint from its keys and shapes, and the shipped config that fits it (None when its text
     encoder's width is not the released models')."""
-    if any(k.startswith(SDXL_KEY_PREFIX) for k in keys):
-        raise UserError(f"model.pretrained: {path} is an SDXL checkpoint; single files are read for SD-1.x and SD-2.x")
     if UNET_PREFIX + "input_blocks.0.0.weight" not in keys:
         raise UserError(f"model.pretrained: {path} is not a Stable Diffusion checkpoint (no {UNET_PREFIX}* keys)")
     for family in FAMILIES:
@@ -126,14 +144,17 @@ def detect(keys: dict[str, tuple[int, ...]], path: str = "checkpoint") -> tuple[
             width = keys[family.text_key][-1]
             return family, family.config if width == family.text_width else None
     raise UserError(f"model.pretrained: {path} holds no text encoder in a layout read here "
-                    f"({CLIP_PREFIX}* for SD-1.x, {OPEN_CLIP_PREFIX}* for SD-2.x)")
+                    f"({CLIP_PREFIX}* for SD-1.x, {OPEN_CLIP_PREFIX}* for SD-2.x, {XL_OPEN_CLIP_PREFIX}* for SDXL; "
+                    "an SDXL refiner is not read)")
 
 
-def family_of(text_encoder) -> Family:
-    """The family an SD text encoder belongs to, for writing it back (OpenCLIP's GELU vs CLIP's quick GELU)."""
+def family_of(text_encoder, text_encoder_2=None) -> Family:
+    """The family of a model's text encoder(s), for writing them back: two encoders are SDXL; one is told by its
+    activation (OpenCLIP's GELU vs CLIP's quick GELU)."""
     act = text_encoder.config.hidden_act
+    encoders = 1 if text_encoder_2 is None else 2
     for family in FAMILIES:
-        if family.hidden_act == act:
+        if family.encoders == encoders and (encoders == 2 or family.hidden_act == act):
             return family
     raise UserError(f"export: a text encoder with hidden_act={act!r} has no single-file layout here")
 
@@ -231,8 +252,10 @@ def _config_dict(module) -> dict:
     return json.loads(module.to_json_string())
 
 
-def configs_of(unet, vae, text_encoder, tokenizer, scheduler) -> dict:
-    """The diffusers configs that rebuild these components (the shape of the shipped ``<name>.json``)."""
+def configs_of(unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
+               force_zeros_for_empty_prompt: bool = True) -> dict:
+    """The diffusers configs that rebuild these components (the shape of the shipped ``<name>.json``); SDXL's
+    (``text_encoder_2``) add ``text_encoder_2``, ``tokenizer_2`` and the pipeline's ``force_zeros_for_empty_prompt``."""
     text = _config_dict(text_encoder.config)
     model_index = {
         "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "image_encoder": [None, None],
@@ -241,52 +264,70 @@ def configs_of(unet, vae, text_encoder, tokenizer, scheduler) -> dict:
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    return {"model_index": model_index, "unet": _config_dict(unet), "vae": _config_dict(vae), "text_encoder": text,
-            "scheduler": _config_dict(scheduler), "tokenizer": {"pad_token": str(tokenizer.pad_token)}}
+    configs = {"model_index": model_index, "unet": _config_dict(unet), "vae": _config_dict(vae),
+               "text_encoder": text, "scheduler": _config_dict(scheduler),
+               "tokenizer": {"pad_token": str(tokenizer.pad_token)}}
+    if text_encoder_2 is not None:
+        for key in ("requires_safety_checker", "safety_checker"):
+            del model_index[key]
+        model_index.update({"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt":
+                            bool(force_zeros_for_empty_prompt),
+                            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                            "tokenizer_2": ["transformers", "CLIPTokenizer"]})
+        configs.update({"text_encoder_2": _config_dict(text_encoder_2.config),
+                        "tokenizer_2": {"pad_token": str(tokenizer_2.pad_token)}})
+    return configs
 
 
-def to_original(unet, vae, text_encoder, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """One state dict in the original layout: UNet, VAE and text encoder, as ``dtype`` on the CPU."""
-    family = family_of(text_encoder)
+def to_original(unet, vae, text_encoder, dtype: torch.dtype = torch.float32,
+                text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """One state dict in the original layout: UNet, VAE and text encoder(s), as ``dtype`` on the CPU."""
+    family = family_of(text_encoder, text_encoder_2)
 
     def plain(module):
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
 
     out = unet_to_original(plain(unet), unet.config)
     out.update(vae_to_original(plain(vae), vae.config))
-    out.update(family.text_to_original(plain(text_encoder)))
+    encoders = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
+    out.update(family.text_to_original(*[plain(e) for e in encoders]))
     return out
 
 
-def write_config_folder(folder: str, configs: dict, tokenizer=None) -> None:
+def write_config_folder(folder: str, configs: dict, tokenizer=None, tokenizer_2=None) -> None:
     """A diffusers model folder without weights: what ``from_single_file(path, config=folder)`` reads."""
-    for part in ("unet", "vae", "text_encoder", "scheduler"):
+    encoders = [e for e in ("text_encoder", "text_encoder_2") if e in configs]
+    for part in ("unet", "vae", "scheduler", *encoders):
         os.makedirs(os.path.join(folder, part), exist_ok=True)
     files = {"model_index.json": configs["model_index"], "unet/config.json": configs["unet"],
-             "vae/config.json": configs["vae"], "text_encoder/config.json": configs["text_encoder"],
-             "scheduler/scheduler_config.json": configs["scheduler"]}
+             "vae/config.json": configs["vae"], "scheduler/scheduler_config.json": configs["scheduler"],
+             **{f"{e}/config.json": configs[e] for e in encoders}}
     for name, value in files.items():
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             f.write(to_json(value, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    for name, tok in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2)):
+        if tok is not None:
+            tok.save_pretrained(os.path.join(folder, name))
 
 
 def write_single_file(path: str, unet, vae, text_encoder, tokenizer, scheduler, *, dtype: torch.dtype,
-                      config_folder: Optional[str] = None) -> None:
+                      config_folder: Optional[str] = None, text_encoder_2=None, tokenizer_2=None,
+                      force_zeros_for_empty_prompt: bool = True) -> None:
     """Write the model as one ``.safetensors`` in the original layout, atomically (a temporary file beside ``path``
     renamed into place); its metadata carries the diffusers configs. ``config_folder``: also write those configs as
-    the local folder diffusers' ``from_single_file(path, config=folder)`` needs."""
+    the local folder diffusers' ``from_single_file(path, config=folder)`` needs. SDXL: ``text_encoder_2`` and
+    ``tokenizer_2`` too."""
     from safetensors.torch import save_file
 
-    configs = configs_of(unet, vae, text_encoder, tokenizer, scheduler)
-    state = to_original(unet, vae, text_encoder, dtype)
+    configs = configs_of(unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2, tokenizer_2,
+                         force_zeros_for_empty_prompt)
+    state = to_original(unet, vae, text_encoder, dtype, text_encoder_2)
     metadata = {"format": "pt", "keys": "original", METADATA_KEY: to_json(configs)}
     with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=metadata)
     if config_folder is not None:
         with atomic_path(config_folder) as tmp:
-            write_config_folder(tmp, configs, tokenizer)
+            write_config_folder(tmp, configs, tokenizer, tokenizer_2)
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
@@ -340,10 +381,23 @@ def _configs_for(path: str, keys, metadata, override: Optional[str]) -> tuple[Op
         return json.load(f), None
 
 
-def load_single_file(path: str, config: Optional[str] = None, *, with_vae: bool = True):
-    """(unet, text_encoder, tokenizer, scheduler, vae) from a single-file checkpoint, offline, in fp32."""
-    import diffusers
+def _tokenizer(configs: Optional[dict], folder: Optional[str], name: str, pad_token: str):
+    """The tokenizer ``name`` (``tokenizer``, ``tokenizer_2``): the configs' pad token over the shipped CLIP tables,
+    the folder's own, or the family's padding."""
     from transformers import CLIPTokenizer
+
+    if configs is not None:
+        return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=configs.get(name, {}).get("pad_token", pad_token))
+    if os.path.isdir(os.path.join(folder, name)):
+        return CLIPTokenizer.from_pretrained(folder, subfolder=name)
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=pad_token)
+
+
+def load_single_file(path: str, config: Optional[str] = None, *, with_vae: bool = True):
+    """(unet, text_encoder, tokenizer, scheduler, vae, extra) from a single-file checkpoint, offline, in fp32;
+    ``extra`` holds ``sdd.models.SDComponents``' other fields: the model family's name and, for SDXL,
+    ``text_encoder_2``, ``tokenizer_2`` and ``force_zeros_for_empty_prompt``."""
+    import diffusers
 
     check_path(path)
     keys, metadata = _header(path)
@@ -353,40 +407,48 @@ def load_single_file(path: str, config: Optional[str] = None, *, with_vae: bool 
                     else "the configs it carries" if METADATA_KEY in metadata else f"the shipped {shipped}")
     _check_keys(path, keys, configs if configs is not None else _read_config_folder(folder), described_by)
     with tempfile.TemporaryDirectory(prefix="sdd-single-file-") as tmp:
+        tokenizer = _tokenizer(configs, folder, "tokenizer", family.pad_token)
+        components = dict(tokenizer=tokenizer)
+        if family.encoders == 2:  # SDXL: the second tokenizer pads with "!"
+            components["tokenizer_2"] = _tokenizer(configs, folder, "tokenizer_2", "!")
+        else:
+            components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         if configs is not None:
             folder = tmp
             write_config_folder(folder, configs)
-            tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=configs["tokenizer"]["pad_token"])
-        elif os.path.isdir(os.path.join(folder, "tokenizer")):
-            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        else:
-            tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=family.pad_token)
+        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+            index = json.load(f)
         scheduler_config = diffusers.DDIMScheduler.load_config(folder, subfolder="scheduler")
         scheduler = getattr(diffusers, scheduler_config.get("_class_name", "DDIMScheduler"),
                             diffusers.DDIMScheduler).from_config(scheduler_config)
         try:
             with warnings.catch_warnings(), _quiet_diffusers():
                 warnings.simplefilter("ignore")
-                pipe = getattr(diffusers, family.pipeline).from_single_file(
-                    path, config=folder, local_files_only=True, torch_dtype=torch.float32, tokenizer=tokenizer,
-                    scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                )
+                pipe = model_family(family.model_family).pipeline_class().from_single_file(
+                    path, config=folder, local_files_only=True, torch_dtype=torch.float32, scheduler=scheduler,
+                    **components)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             text = " ".join(str(err).split())[:200]
             raise UserError(f"model.pretrained: could not read {path} as the model its config describes: "
                             f"{text}") from None
-    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
-        module.eval()
-        _check_loaded(path, module)
-    return pipe.unet, pipe.text_encoder, tokenizer, scheduler, pipe.vae if with_vae else None
+    extra = {"family_name": family.model_family}
+    if family.encoders == 2:
+        extra.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=components["tokenizer_2"],
+                     force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae, extra.get("text_encoder_2")):
+        if module is not None:
+            module.eval()
+            _check_loaded(path, module)
+    return pipe.unet, pipe.text_encoder, tokenizer, scheduler, pipe.vae if with_vae else None, extra
 
 
 def _read_config_folder(folder: str) -> dict:
     configs = {}
-    for part, name in (("unet", "unet/config.json"), ("vae", "vae/config.json"),
-                       ("text_encoder", "text_encoder/config.json")):
-        with open(os.path.join(folder, name), encoding="utf-8") as f:
-            configs[part] = json.load(f)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        name = os.path.join(folder, part, "config.json")
+        if part != "text_encoder_2" or os.path.isfile(name):
+            with open(name, encoding="utf-8") as f:
+                configs[part] = json.load(f)
     return configs
 
 
@@ -394,16 +456,18 @@ def original_shapes(configs: dict) -> dict[str, tuple[int, ...]]:
     """Key -> shape, in the original layout, of the model ``configs`` describe (built without weights)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with init_empty_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        encoders = [CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))]
+        if "text_encoder_2" in configs:
+            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])))
     state = unet_to_original(unet.state_dict(), unet.config)
     state.update(vae_to_original(vae.state_dict(), vae.config))
-    state.update(family_of(text_encoder).text_to_original(text_encoder.state_dict()))
+    state.update(family_of(*encoders).text_to_original(*[e.state_dict() for e in encoders]))
     return {k: tuple(v.shape) for k, v in state.items()}
 
 

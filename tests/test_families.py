@@ -296,10 +296,10 @@ def test_sdxl_conditioning_is_the_pipelines(sdxl):
     assert m.family.name == "sdxl" and m.family.pipeline_class() is type(pipe)
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a cat", do_classifier_free_guidance=True)
     c = m.family.encode(m, ["a cat", "", "a dog"])
-    assert c.shape == (3, 78, 64)  # 77 token rows of both encoders' penultimate states, one row for the pooled
+    assert c.shape == (3, 78, 80)  # 77 token rows of both encoders' penultimate states, one row for the pooled
     torch.testing.assert_close(c[0, :-1], embeds[0], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(c[0, -1, :32], pooled[0], atol=1e-6, rtol=1e-6)
-    assert c[0, -1, 32:].abs().max() == 0
+    torch.testing.assert_close(c[0, -1, :48], pooled[0], atol=1e-6, rtol=1e-6)
+    assert c[0, -1, 48:].abs().max() == 0
     # force_zeros_for_empty_prompt: the unconditional branch is zeros, not the encoding of ""
     assert negative.abs().max() == 0 and negative_pooled.abs().max() == 0 and c[1].abs().max() == 0
 

@@ -11,17 +11,23 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from conftest import ROOT
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sdd import api
 from sdd import single_file as sf
 from sdd.cli.export import main as export_main
 from sdd.errors import UserError
 from sdd.export import ModelCard, export_model
-from sdd.models import build_tiny_sd, load_components
+from sdd.models import build_tiny_sd, build_tiny_sdxl, load_components
 
 CARD = ModelCard(base_model="tiny", method="SDD (test)", concepts=["red"], steps=1, finetune="xattn")
 TINY_SDD = ["train.steps=2", "train.checkpoint_every=0", "sdd.ddim_steps=4", "tracking.num_inference_steps=2"]
@@ -162,16 +168,19 @@ def shipped(name: str):
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        encoders = [CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))]
+        if "text_encoder_2" in configs:  # SDXL
+            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])))
     state = sf.unet_to_original(unet.state_dict(), unet.config)
     state.update(sf.vae_to_original(vae.state_dict(), vae.config))
-    state.update(sf.family_of(text_encoder).text_to_original(text_encoder.state_dict()))
+    state.update(sf.family_of(*encoders).text_to_original(*[e.state_dict() for e in encoders]))
     assert {k: tuple(v.shape) for k, v in state.items()} == sf.original_shapes(configs)
-    return sf.original_shapes(configs), (unet, vae, text_encoder), state
+    return sf.original_shapes(configs), (unet, vae, *encoders), state
 
 
 @pytest.mark.parametrize("name, family, prediction",
-                         [("sd15", "SD-1.x", "epsilon"), ("sd21", "SD-2.x", "v_prediction")])
+                         [("sd15", "SD-1.x", "epsilon"), ("sd21", "SD-2.x", "v_prediction"),
+                          ("sdxl", "SDXL", "epsilon")])
 def test_the_shipped_config_is_chosen_by_key_shapes(name, family, prediction):
     shapes, _, _ = shipped(name)
     found, config = sf.detect(shapes)
@@ -182,25 +191,31 @@ def test_the_shipped_config_is_chosen_by_key_shapes(name, family, prediction):
     assert base["scheduler"]["prediction_type"] == "epsilon"
 
 
-@pytest.mark.parametrize("name", ["sd15", "sd21"])
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
 def test_the_key_map_of_the_real_architectures_inverts_diffusers_converter(name):
-    """At full SD-1.5 / SD-2.1 size (meta tensors): our diffusers -> original map, then diffusers' own converter,
-    gives back every diffusers key with its shape."""
+    """At full SD-1.5 / SD-2.1 / SDXL size (meta tensors): our diffusers -> original map, then diffusers' own
+    converter, gives back every diffusers key with its shape."""
     from diffusers.loaders import single_file_utils as su
 
-    shapes, (unet, vae, text_encoder), state = shipped(name)
+    shapes, (unet, vae, text_encoder, *second), state = shipped(name)
     unet_back = su.convert_ldm_unet_checkpoint(state, unet.config)
     assert {k: v.shape for k, v in unet_back.items()} == {k: v.shape for k, v in unet.state_dict().items()}
     vae_back = su.convert_ldm_vae_checkpoint(state, vae.config)
     assert {k: v.shape for k, v in vae_back.items()} == {k: v.shape for k, v in vae.state_dict().items()}
     if name == "sd15":
         text_back = su.convert_ldm_clip_checkpoint(state)
-    else:
+    elif name == "sd21":
         text_back = su.convert_open_clip_checkpoint(text_encoder, state)
+    else:
+        text_back = su.convert_ldm_clip_checkpoint(state, sf.XL_CLIP_PREFIX)
+        text_2_back = su.convert_open_clip_checkpoint(second[0], state, prefix=sf.XL_OPEN_CLIP_PREFIX)
+        assert {k: v.shape for k, v in text_2_back.items()} == {k: v.shape for k, v in second[0].state_dict().items()}
+        assert state[sf.XL_OPEN_CLIP_PREFIX + "text_projection"].shape == (1280, 1280)
     text_back = {k.removeprefix("text_model."): v.shape for k, v in text_back.items()}
     assert text_back == {k.removeprefix("text_model."): v.shape for k, v in text_encoder.state_dict().items()}
     counts = {p: sum(k.startswith(p) for k in shapes) for p in ("model.diffusion_model.", "first_stage_model.")}
-    assert counts == {"model.diffusion_model.": 686, "first_stage_model.": 248}  # the released files' UNet and VAE
+    unet_keys = {"sdxl": 1680}.get(name, 686)
+    assert counts == {"model.diffusion_model.": unet_keys, "first_stage_model.": 248}  # the released files' UNet, VAE
 
 
 def test_the_unet_map_covers_conditioning_embeddings():
@@ -221,9 +236,9 @@ def test_the_unet_map_covers_conditioning_embeddings():
 
 def test_detection_refuses_what_it_cannot_describe():
     shapes, _, _ = shipped("sd15")
-    with pytest.raises(UserError, match="SDXL"):
-        sf.detect({**shapes, "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": (1, 77)})
     unet_only = {k: v for k, v in shapes.items() if k.startswith("model.diffusion_model.")}
+    with pytest.raises(UserError, match="an SDXL refiner is not read"):  # OpenCLIP bigG alone, as embedder 0
+        sf.detect({**unet_only, "conditioner.embedders.0.model.token_embedding.weight": (49408, 1280)})
     with pytest.raises(UserError, match="no text encoder"):
         sf.detect(unet_only)
     narrow = {**shapes, sf.FAMILIES[0].text_key: (49408, 32)}
@@ -358,3 +373,29 @@ def test_a_lora_run_goes_out_merged_in_the_single_file(tmp_path):
     with pytest.raises(UserError, match="export.merge_lora=true"):
         export_model(str(tmp_path / "b"), tiny, unet, config_yaml="", card=CARD, is_lora=True, merge_lora=False,
                      format="single-file")
+
+
+def test_sdxl_round_trip_in_ours_and_in_diffusers(tmp_path):
+    """tiny-sdxl -> model.safetensors (both text encoders in SDXL's layout) -> our loader and diffusers'
+    StableDiffusionXLPipeline.from_single_file: equal tensors, the same tokenizers and conditioning."""
+    tiny = build_tiny_sdxl()
+    written = export_model(str(tmp_path), tiny, tiny.unet, config_yaml="", card=CARD, format="single-file")
+    path = written["single-file"]
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "conditioner"}
+    assert {sf.XL_CLIP_PREFIX + "text_model.embeddings.token_embedding.weight",
+            sf.XL_OPEN_CLIP_PREFIX + "text_projection"} <= keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys  # the pooled text and time ids' embedding
+    ours = load_components(path)
+    pipe = StableDiffusionXLPipeline.from_single_file(path, config=written["single-file-config"],
+                                                      local_files_only=True)
+    for loaded in (ours, pipe):
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            assert_same(getattr(tiny, part), getattr(loaded, part))
+        assert loaded.tokenizer_2.pad_token == "!"
+    assert ours.family.name == "sdxl" and type(ours.scheduler) is type(tiny.scheduler)
+    for key in ("timestep_spacing", "steps_offset", "clip_sample", "set_alpha_to_one"):  # the DDIM grid's too
+        assert ours.scheduler.config[key] == tiny.scheduler.config[key], key
+    torch.testing.assert_close(ours.family.encode(ours, ["a cat", ""]), tiny.family.encode(tiny, ["a cat", ""]))
+    assert "StableDiffusionXLPipeline.from_single_file" in (tmp_path / "README.md").read_text()

@@ -8,7 +8,7 @@ the model (its scheduler's ``prediction_type``), and :class:`Prediction` turns a
 
 ``sd`` (:mod:`sdd.families.sd`) serves SD-1.x (epsilon) and SD-2.x (epsilon or v-prediction): the same UNet call
 and pipeline class, the text encoder's depth and activation being config. ``sdxl`` (:mod:`sdd.families.sdxl`):
-two text encoders, pooled embeddings and time ids (generation so far). See docs/METHODS.md section 10.
+two text encoders, pooled embeddings and time ids. See docs/METHODS.md section 10.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ class ModelFamily(Protocol):
 
     def pipeline_class(self) -> type:
         """The stock diffusers pipeline that loads an export (``from_pretrained``) and checks it in tests."""
+        ...
+
+    def pipeline(self, components):
+        """That pipeline holding ``components`` (no safety checker, no watermark): what export saves."""
         ...
 
 
@@ -102,11 +106,14 @@ def prediction_of(scheduler) -> Prediction:
 
 
 def family(name: str, components=None) -> ModelFamily:
-    """The family called ``name`` (for ``sdxl``, bound to ``components``: its VAE factor gives the time ids)."""
+    """The family called ``name`` (for ``sdxl``, bound to ``components``: its VAE factor gives the time ids, its
+    ``force_zeros_for_empty_prompt`` the empty prompt's conditioning)."""
     from sdd.families import sd, sdxl
 
     if name == sd.FAMILY.name:
         return sd.FAMILY
     if name == sdxl.StableDiffusionXL.name:
-        return sdxl.StableDiffusionXL(components.vae_scale_factor if components is not None else 8)
+        if components is None:
+            return sdxl.StableDiffusionXL()
+        return sdxl.StableDiffusionXL(components.vae_scale_factor, components.force_zeros_for_empty_prompt)
     raise UserError(f"model: unknown model family '{name}' (known: sd, sdxl)")

@@ -32,5 +32,11 @@ class StableDiffusion:
 
         return StableDiffusionPipeline
 
+    def pipeline(self, components):
+        c = components
+        return self.pipeline_class()(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+                                     scheduler=c.scheduler, safety_checker=None, feature_extractor=None,
+                                     requires_safety_checker=False)
+
 
 FAMILY = StableDiffusion()

@@ -18,10 +18,14 @@ import torch
 from sdd.errors import UserError
 from sdd.params import SELECTORS
 
+# SD's sets, but ESD-u's "everything except the text and the time conditioning" also leaves out add_embedding: it
+# embeds the pooled text and the size/crop time ids and is added to the time embedding (xattn stays attn2 only)
+PARAMETER_SETS = {**SELECTORS, "noxattn": lambda name: SELECTORS["noxattn"](name) and "add_embedding" not in name}
+
 
 class StableDiffusionXL:
     name = "sdxl"
-    parameter_sets = SELECTORS
+    parameter_sets = PARAMETER_SETS
 
     def __init__(self, vae_scale_factor: int = 8, force_zeros_for_empty_prompt: bool = True):
         self.vae_scale_factor = vae_scale_factor
@@ -62,3 +66,10 @@ class StableDiffusionXL:
         from diffusers import StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline
+
+    def pipeline(self, components):
+        c = components
+        return self.pipeline_class()(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
+                                     tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=c.unet,
+                                     scheduler=c.scheduler, add_watermarker=False,
+                                     force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)

@@ -22,7 +22,6 @@ from sdd.export import ModelCard, export_model
 from sdd.generation import Request, generate, with_unet
 from sdd.models import SDComponents, load_components
 from sdd.perf import PerfConfig
-from sdd.sampling import encode_prompts
 
 UNRELATED_PROMPTS = ["a photo of a dog", "a landscape painting of mountains"]
 
@@ -60,8 +59,15 @@ def load_base(pretrained: str, revision: str | None, device, learned_embeds: str
     if learned_embeds:
         from sdd.textual_inversion import load_learned_embeds
 
+        if base.text_encoder_2 is not None:
+            from sdd.errors import UserError
+
+            raise UserError("learned_embeds: a learned token goes into one text encoder; models with two (SDXL) "
+                            "are not supported yet")
+
         load_learned_embeds(base, learned_embeds)
-    base.text_encoder.requires_grad_(False)
+    for encoder in base.text_encoders:
+        encoder.requires_grad_(False)
     if base.vae is not None:
         base.vae.requires_grad_(False)
     return base.to(device)
@@ -86,8 +92,9 @@ def latent_shape(base: SDComponents, resolution: int) -> tuple[int, int, int]:
 
 
 def embed(base: SDComponents, texts: Sequence[str]) -> torch.Tensor:
-    """(N, L, D) text embeddings of ``texts`` with the (frozen) text encoder."""
-    return encode_prompts(base.tokenizer, base.text_encoder, list(texts))
+    """(N, L, D) conditionings of ``texts`` by the model's family with the (frozen) text encoder(s) (SDXL: the
+    pooled embedding as one more row, sdd.families.sdxl)."""
+    return base.family.encode(base, list(texts))
 
 
 class TextEmbeddings:

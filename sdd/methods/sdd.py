@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from sdd import timing
 from sdd.config import check
+from sdd.errors import UserError
 from sdd.export import ModelCard
 from sdd.methods import common
 from sdd.params import configure_trainable
@@ -167,7 +168,7 @@ class SDDMethod:
                                      single_file_config=cfg.model.single_file_config)
         self.model = self.base.unet
         self.denoise = self.base.family.denoise  # one denoiser call of the model's family (sdd.families)
-        self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora)
+        self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora, self.base.family.parameter_sets)
         self.model.train()
         self.teacher = frozen_copy(self.model, common.share_frozen(cfg.perf))
         # the model as it was, for the preservation term (shares the frozen tensors; costs the trainable ones)
@@ -337,6 +338,9 @@ class Adversary:
     def __init__(self, base, settings: AdversarialSettings, concept_text: str):
         import copy
 
+        if base.text_encoder_2 is not None:
+            raise UserError("sdd.adversarial: the inner attack learns one text encoder's token embedding; "
+                            "models with two (SDXL) are not supported yet, set sdd.adversarial.every=0")
         self.base, self.settings = base, settings
         tokenizer = copy.deepcopy(base.tokenizer)  # the exported model's tokenizer never holds the token
         tokenizer.add_tokens(["<adversarial>"])
