@@ -227,3 +227,16 @@ def test_the_sdxl_config_runs_its_memory_plan_on_tiny_sdxl(tmp_path):
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
     with_lora = SDDMethod(load_config(SDDConfig, str(path), [*tiny, f"output_dir={tmp_path / 'lora'}", *lora]))
     assert with_lora.trainable_names and all("lora_" in n for n in with_lora.trainable_names)
+
+
+@pytest.mark.parametrize("config, model, message", [
+    ("uce/tiny.yaml", "tiny-sdxl", "UCE runs on SD-1.x and SD-2.x models so far, and tiny-sdxl is a sdxl model"),
+    ("salun/tiny.yaml", "tiny-sdxl", "SalUn runs on SD-1.x and SD-2.x models so far"),
+    ("salun/tiny.yaml", "tiny-sd2v", "SalUn reads the UNet's output as epsilon, and tiny-sd2v predicts v_prediction"),
+])
+def test_methods_not_ported_to_a_family_refuse_it_in_one_line(tmp_path, config, model, message):
+    from sdd import api
+
+    with pytest.raises(UserError, match=message):
+        api.train(str(ROOT / "configs" / config), f"model.pretrained={model}", f"output_dir={tmp_path / 'run'}")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -73,6 +73,21 @@ def load_base(pretrained: str, revision: str | None, device, learned_embeds: str
     return base.to(device)
 
 
+def require_family(base: SDComponents, method: str, epsilon_only: bool = False) -> None:
+    """One line, before anything is trained, for a method that does not run on the model's family yet (every
+    method but SDD and ESD: the SD family only; ``epsilon_only``: its loss reads the UNet's output as epsilon)."""
+    from sdd.errors import UserError
+    from sdd.families import prediction_of
+
+    if base.family.name != "sd":
+        raise UserError(f"model: {method} runs on SD-1.x and SD-2.x models so far, and {base.source} is a "
+                        f"{base.family.name} model (SDD and ESD run on it)")
+    kind = prediction_of(base.scheduler).kind
+    if epsilon_only and kind != "epsilon":
+        raise UserError(f"model: {method} reads the UNet's output as epsilon, and {base.source} predicts {kind} "
+                        "(SDD and ESD run on it)")
+
+
 def ddim_grid(base: SDComponents, steps: int):
     """A DDIM scheduler on the model's noise schedule with ``steps`` grid points (noisiest first)."""
     from diffusers import DDIMScheduler

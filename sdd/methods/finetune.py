@@ -75,6 +75,7 @@ class FinetuneMethod:
         items = load_items(cfg.images)  # checked before the model is loaded
         self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
                                      single_file_config=cfg.model.single_file_config)
+        common.require_family(self.base, epsilon_only=True, method="fine-tuning on images")
         self.model = self.base.unet
         self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora)
         self.model.train()

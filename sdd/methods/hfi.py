@@ -197,6 +197,7 @@ class HFIMethod:
         items = load_items(cfg.images)  # checked before the model is loaded
         self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device,
                                      single_file_config=cfg.model.single_file_config)
+        common.require_family(self.base, epsilon_only=True, method="HFI token inversion")
         self.base.unet.requires_grad_(False).eval()
         tokenizer, text_encoder = self.base.tokenizer, self.base.text_encoder
         self.token_id = add_placeholder_token(tokenizer, text_encoder, s.placeholder_token, s.initializer_token)

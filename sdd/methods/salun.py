@@ -208,6 +208,7 @@ class SalUnMethod:
             load_items(cfg.forget.images)
         self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
                                      single_file_config=cfg.model.single_file_config)
+        common.require_family(self.base, epsilon_only=True, method="SalUn")
         self.model = self.base.unet
         self.resolution = s.resolution or self.base.default_resolution
         common.latent_shape(self.base, self.resolution)  # the resolution fits the VAE

@@ -186,6 +186,7 @@ class UCEMethod:
         self.cfg = cfg
         self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
                                      single_file_config=cfg.model.single_file_config)
+        common.require_family(self.base, "UCE")
         self.model = self.base.unet
         self.model.requires_grad_(False)
         self.projections = kv_projections(self.model)
