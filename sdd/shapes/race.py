@@ -128,9 +128,10 @@ def _judge(cfg, run_dir: str, folder: str, settings: bench.BenchSettings, progre
 
 
 def run_lane(cfg, label: str, seed: int, base: dict, settings: bench.BenchSettings, target: Target, every: int,
-             out: str, curve: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Lane:
+             out: str, curve: bool = False, progress: bool = True, log: Optional[Callable[[str], None]] = None) -> Lane:
     """Train one lane and judge its checkpoints in order until the first that meets ``target`` (all with
     ``curve``). Judged checkpoints are kept in ``RUN/race.json`` and not judged again."""
+    log = log or _say
     cfg = lane_config(cfg, label, seed, every, out)
     _train(cfg)
     run_dir = cfg.output_dir
@@ -163,7 +164,7 @@ def run_lane(cfg, label: str, seed: int, base: dict, settings: bench.BenchSettin
 
 def race(configs: Sequence[tuple[str, object]], concept: str, seeds: Sequence[int], target: Target, every: int,
          settings: bench.BenchSettings, out: str, curve: bool = False, progress: bool = True,
-         log: Callable[[str], None] = print) -> dict:
+         log: Optional[Callable[[str], None]] = None) -> dict:
     """Every config (label, run config) on every training seed; the first config is the reference. Writes
     ``race.json`` and ``race.md`` to ``out``; returns the report."""
     if len(configs) < 2:
@@ -178,6 +179,7 @@ def race(configs: Sequence[tuple[str, object]], concept: str, seeds: Sequence[in
         if registry.entry(cfg.method).runner is not fit:
             raise UserError(f"sdd-shapes race: {label} ({cfg.method}) is a closed-form method: it has no checkpoints "
                             "along the way to race (its train_summary.json gives its seconds)")
+    log = log or _say
     base_model = configs[0][1].model.pretrained
     base_row = bench.parse_row("base", base_model)
     base = bench.run([base_row], settings, None, progress=progress)["rows"][0]["metrics"]
@@ -254,3 +256,7 @@ def format_report(report: dict) -> str:
 
 def _count(metrics: dict, key: str) -> str:
     return f"{metrics[key]['k']}/{metrics[key]['n']}" if key in metrics else "–"
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)  # a race runs for long: its progress reaches a log file as it happens
