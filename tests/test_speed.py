@@ -72,3 +72,20 @@ def test_the_reference_case_is_configuration():
     assert cfg.perf.frozen_passes == "separate" and cfg.perf.cache_text_embeddings is False
     result = speed.run_case(speed.Case(name="r", reference=True, batch_size=2, ddim_steps=3), iters=1, warmup=0)
     assert result["sampling_s"] > 0 and result["student_s"] > 0 and len(result["losses"]) == 1
+
+
+def test_the_sdxl_preset_is_sdxl_random_and_switches_can_be_named():
+    from sdd.errors import UserError
+
+    chosen = speed.cases("sdd", "sdxl", ("xattn", "lora"), (1,), ("bf16",),
+                         switches="ours,ours+grad-checkpointing")
+    assert [c.name for c in chosen] == ["ours xattn/B1/bf16", "ours+grad-checkpointing xattn/B1/bf16",
+                                        "ours lora/B1/bf16", "ours+grad-checkpointing lora/B1/bf16"]
+    cfg = speed.make_config(chosen[1])
+    assert cfg.model.pretrained == "sdxl-random" and cfg.train.mixed_precision == "bf16"
+    assert cfg.perf.gradient_checkpointing is True and cfg.finetune == "xattn"
+    assert cfg.sdd.resolution is None  # the model's own: sdxl-random's 1024 px (tests/test_models.py)
+    assert [c.name for c in speed.cases(switches="default")] == ["reference xattn/B1/fp32", "ours xattn/B1/fp32"]
+    with pytest.raises(UserError, match="unknown ours\\+nothing"):
+        speed.cases(switches="ours,ours+nothing")
+
