@@ -89,3 +89,27 @@ def test_the_sdxl_preset_is_sdxl_random_and_switches_can_be_named():
     with pytest.raises(UserError, match="unknown ours\\+nothing"):
         speed.cases(switches="ours,ours+nothing")
 
+
+def test_every_bench_line_of_the_performance_script_builds_its_configs():
+    """scripts/performance.sh's sdd-bench calls (cpu and gpu, the SDXL rows included) parse, and every case they
+    would run resolves to a config, without building a model."""
+    import pathlib
+    import shlex
+
+    from sdd.cli.bench import parser
+
+    script = (pathlib.Path(__file__).parents[1] / "scripts" / "performance.sh").read_text().replace("\\\n", " ")
+    calls = [shlex.split(line.split("sdd-bench\"", 1)[1]) for line in script.splitlines() if "sdd-bench\"" in line]
+    assert len(calls) == 8
+    presets = set()
+    for argv in calls:
+        a = parser().parse_args(argv)
+        chosen = speed.cases(a.method, a.preset, tuple(a.finetune.split(",")),
+                             tuple(int(b) for b in a.batch_sizes.split(",")), tuple(a.precision.split(",")),
+                             a.ddim_steps, a.switches, a.teacher_bf16, a.compile, a.processes)
+        for case in chosen:
+            assert speed.make_config(case).model.pretrained == speed.PRESETS[a.preset]
+        presets.add(a.preset)
+        if a.preset == "sdxl":
+            assert {c.precision for c in chosen} == {"bf16"} and {c.batch_size for c in chosen} == {1}
+    assert presets == {"tiny", "sd15", "sdxl"}
