@@ -142,26 +142,14 @@ def test_sdxl_random_configs_are_the_shipped_sdxl_single_file_configs():
         c.text_encoder_2
 
 
-def test_sdxl_random_is_loaded_by_name_and_deterministic_for_a_seed(monkeypatch):
+def test_sdxl_random_is_loaded_by_name_and_deterministic_for_a_seed(narrow_sdxl_random):
     from sdd import models
 
     with torch.device("meta"):
         assert load_components("sdxl-random").source == "sdxl-random"
     assert "sdxl-random" in models.BUILT_IN_MODELS
     # the same build at a small width (the full one is 13 GB of fp32 weights): a seed fixes every weight
-    monkeypatch.setitem(models.SDXL_UNET_CONFIG, "block_out_channels", (32, 64, 64))
-    monkeypatch.setitem(models.SDXL_UNET_CONFIG, "attention_head_dim", (2, 4, 4))
-    monkeypatch.setitem(models.SDXL_UNET_CONFIG, "transformer_layers_per_block", (1, 1, 1))
-    monkeypatch.setitem(models.SDXL_UNET_CONFIG, "cross_attention_dim", 64 + 64)
-    monkeypatch.setitem(models.SDXL_UNET_CONFIG, "addition_time_embed_dim", 8)
-    monkeypatch.setitem(models.SDXL_UNET_CONFIG, "projection_class_embeddings_input_dim", 6 * 8 + 64)
-    small_text = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      projection_dim=64, vocab_size=1000)
-    for key, value in small_text.items():
-        monkeypatch.setitem(models.SDXL_TEXT_ENCODER_CONFIG, key, value)
-        monkeypatch.setitem(models.SDXL_TEXT_ENCODER_2_CONFIG, key, value)
-    monkeypatch.setitem(models.SDXL_VAE_CONFIG, "block_out_channels", (32, 32, 32, 32))
-    a, b, other = models.build_sdxl_random(), models.build_sdxl_random(), models.build_sdxl_random(seed=1)
+    a, b, other = narrow_sdxl_random(), narrow_sdxl_random(), narrow_sdxl_random(seed=1)
     for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
         sa, sb, so = (getattr(x, name).state_dict() for x in (a, b, other))
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name

@@ -113,3 +113,14 @@ def test_every_bench_line_of_the_performance_script_builds_its_configs():
         if a.preset == "sdxl":
             assert {c.precision for c in chosen} == {"bf16"} and {c.batch_size for c in chosen} == {1}
     assert presets == {"tiny", "sd15", "sdxl"}
+
+
+@pytest.mark.parametrize("method, finetune", [("sdd", "xattn"), ("sdd", "lora"), ("esd", "xattn")])
+def test_sdxl_preset_cases_run_a_step(narrow_sdxl_random, method, finetune):
+    """The SDXL rows' configuration (bf16, batch 1, gradient checkpointing) runs through the benchmark on
+    sdxl-random's code, narrowed to 64 px: the model's default resolution sets the latents."""
+    case = speed.Case(name="x", method=method, preset="sdxl", finetune=finetune, precision="bf16", ddim_steps=3,
+                      perf={"gradient_checkpointing": True})
+    result = speed.run_case(case, iters=1, warmup=0)
+    assert len(result["losses"]) == 1 and torch.isfinite(torch.tensor(result["losses"])).all()
+    assert result["trainable_params"] > 0 and result["sampling_s"] > 0
