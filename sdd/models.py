@@ -1,5 +1,6 @@
 """Stable Diffusion components: loaded from a diffusers folder / hub id / single file, or built tiny in code
-(``tiny``: SD-1.x, ``tiny-sd2v``: SD-2.x with v-prediction, ``tiny-sdxl``: SDXL).
+(``tiny``: SD-1.x, ``tiny-sd2v``: SD-2.x with v-prediction, ``tiny-sdxl``: SDXL), or built full size with random
+weights for speed and memory measurements (``sd15-random``: SD-1.5, ``sdxl-random``: SDXL base 1.0).
 
 Only safetensors are ever loaded (``use_safetensors=True``); pickled ``.bin``/``.ckpt`` weights are refused.
 """
@@ -21,7 +22,8 @@ from sdd.single_file import PICKLE_SUFFIXES, load_single_file
 
 TOKENIZER_DIR = str(resources.files("sdd") / "assets" / "clip-tokenizer")
 SHAPES_MODEL_DIR = str(resources.files("sdd") / "assets" / "shapes-base")
-BUILT_IN_MODELS = ("tiny", "tiny-sd2v", "tiny-sdxl", "shapes", "sd15-random")  # names model.pretrained builds or ships
+# names model.pretrained builds or ships
+BUILT_IN_MODELS = ("tiny", "tiny-sd2v", "tiny-sdxl", "shapes", "sd15-random", "sdxl-random")
 
 
 @dataclass
@@ -226,6 +228,61 @@ def build_sd15_random(seed: int = 0) -> SDComponents:
     return SDComponents(unet, text_encoder, load_tokenizer(), scheduler, vae, source="sd15-random")
 
 
+# SDXL base 1.0's published diffusers configs (stabilityai/stable-diffusion-xl-base-1.0: unet/, text_encoder/,
+# text_encoder_2/, vae/ config.json), the keys that differ from the classes' defaults; the same numbers as the shipped
+# single-file config sdd/assets/single-file/sdxl.json (tests/test_models.py compares them)
+SDXL_UNET_CONFIG = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),  # diffusers' name for the number of heads here: 64-wide heads
+    "cross_attention_dim": 2048,  # CLIP-L's 768 + bigG's 1280, concatenated
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + the pooled 1280
+}
+SDXL_TEXT_ENCODER_CONFIG = {  # CLIP ViT-L/14's text tower (token ids as that repo's config writes them)
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768,
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+SDXL_TEXT_ENCODER_2_CONFIG = {  # OpenCLIP ViT-bigG/14's text tower, with its projection
+    **SDXL_TEXT_ENCODER_CONFIG, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+    "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280,
+}
+SDXL_VAE_CONFIG = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True,
+}
+
+
+def build_sdxl_random(seed: int = 0) -> SDComponents:
+    """SDXL base 1.0's architecture (UNet 2.57 B, CLIP ViT-L text encoder 123 M, OpenCLIP bigG text encoder with
+    projection 695 M, VAE 84 M) with random weights, built from its configs: for speed and memory measurements
+    without downloading anything. Deterministic for a seed; 1024 px by default (128 x 128 latents). Under
+    ``with torch.device("meta")`` it builds without memory (the tests)."""
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG))
+        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+    with torch.device("cpu"):  # the scheduler's tables are CPU tensors, also when the modules are built on meta
+        scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval()
+    return SDComponents(unet, text_encoder, load_tokenizer(), scheduler, vae, source="sdxl-random",
+                        family_name="sdxl", text_encoder_2=text_encoder_2,
+                        tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"))
+
+
 def _load_scheduler(pretrained: str, kwargs: dict):
     """The model's own scheduler class (PNDM for SD-1.4), so an export keeps the base model's sampler."""
     import diffusers
@@ -243,9 +300,9 @@ def _describe(err: Exception) -> str:
 def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae: bool = True,
                     single_file_config: Optional[str] = None) -> SDComponents:
     """Components of an SD-1.x/2.x or SDXL model: ``'tiny'``, ``'tiny-sd2v'``, ``'tiny-sdxl'``, ``'shapes'``,
-    ``'sd15-random'``, a diffusers folder (SDXL: with ``text_encoder_2/`` and ``tokenizer_2/``), a hub id
-    (``owner/name``), or a single-file ``.safetensors`` checkpoint in the original layout (``sdd.single_file``; its
-    config from ``single_file_config``, the file, or the family its keys show)."""
+    ``'sd15-random'``, ``'sdxl-random'``, a diffusers folder (SDXL: with ``text_encoder_2/`` and ``tokenizer_2/``), a
+    hub id (``owner/name``), or a single-file ``.safetensors`` checkpoint in the original layout (``sdd.single_file``;
+    its config from ``single_file_config``, the file, or the family its keys show)."""
     if pretrained == "tiny":
         return build_tiny_sd()
     if pretrained == "tiny-sd2v":
@@ -254,6 +311,8 @@ def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae
         return build_tiny_sdxl()
     if pretrained == "sd15-random":
         return build_sd15_random()
+    if pretrained == "sdxl-random":
+        return build_sdxl_random()
     if pretrained.lower().endswith((".safetensors",) + PICKLE_SUFFIXES) or os.path.isfile(pretrained):
         *parts, extra = load_single_file(pretrained, single_file_config, with_vae=with_vae)
         return SDComponents(*parts, source=pretrained, **extra)

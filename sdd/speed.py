@@ -2,6 +2,7 @@
 
     sdd-bench --preset tiny --method sdd --batch-sizes 1,8 --iters 20 --out PERF.json
     sdd-bench --preset sd15 --finetune xattn,full,lora --precision fp32,bf16       # on a GPU
+    sdd-bench --preset sdxl --finetune xattn,lora --precision bf16 --switches ours,ours+grad-checkpointing
 
 The benchmark drives only the ``sdd.loop.Method`` protocol, through the loop's own step (``sdd.loop.Stepper``): it
 builds a method from the registry (or takes any object with the protocol), times whole optimizer steps, and reads
@@ -36,7 +37,9 @@ import torch
 from sdd import timing
 from sdd.files import to_json
 
-PRESETS = {"tiny": "tiny", "sd15": "sd15-random"}
+# preset -> model.pretrained; each trains at its model's default resolution (the UNet's sample_size x the VAE factor):
+# tiny 32 px, sd15 512 px (64 x 64 latents), sdxl 1024 px (128 x 128 latents)
+PRESETS = {"tiny": "tiny", "sd15": "sd15-random", "sdxl": "sdxl-random"}
 # the official code's choices, as perf switches (see the module docstring)
 REFERENCE_PERF = {"cache_text_embeddings": False, "ema": "loop", "share_frozen": False, "student_passes": "separate",
                   "frozen_passes": "separate"}
@@ -46,7 +49,7 @@ REFERENCE_PERF = {"cache_text_embeddings": False, "ema": "loop", "share_frozen":
 class Case:
     name: str
     method: str = "sdd"  # a method of sdd.methods.registry
-    preset: str = "tiny"  # tiny | sd15
+    preset: str = "tiny"  # tiny | sd15 | sdxl (PRESETS)
     finetune: str = "xattn"
     batch_size: int = 1  # latents per optimizer step and process
     precision: str = "fp32"  # fp32 | bf16 | fp16: the run's mixed precision
@@ -265,11 +268,30 @@ EXACT_SWITCHES = {  # name -> perf overrides, each exact (same loss and gradient
 }
 
 
+def switch_cases(switches: str) -> dict:
+    """``all``: every exact switch; ``default``: this framework's defaults only (``ours``); or a comma-separated
+    list of ``EXACT_SWITCHES`` names (``ours,ours+grad-checkpointing``)."""
+    from sdd.errors import UserError
+
+    if switches == "all":
+        return dict(EXACT_SWITCHES)
+    if switches == "default":
+        return {"ours": EXACT_SWITCHES["ours"]}
+    names = [n.strip() for n in switches.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXACT_SWITCHES]
+    if unknown or not names:
+        raise UserError(f"--switches: unknown {', '.join(unknown) or 'empty list'} (all, default, or a comma-separated "
+                        f"list of: {', '.join(EXACT_SWITCHES)})")
+    return {n: EXACT_SWITCHES[n] for n in names}
+
+
 def cases(method: str = "sdd", preset: str = "tiny", finetunes=("xattn",), batch_sizes=(1,), precisions=("fp32",),
           ddim_steps: int = 50, switches: str = "all", teacher_bf16: bool = False, compile: bool = False,
           processes: int = 1) -> list[Case]:
     """The cases of one table: per parameter set, batch size and precision, the reference (fp32), this
-    framework's step with each exact switch (``switches="all"``) or its defaults only, and the options asked for."""
+    framework's step with each exact switch (``switches="all"``), its defaults only (``"default"``) or the switches
+    named (``switch_cases``), and the options asked for."""
+    chosen = switch_cases(switches)
     out: list[Case] = []
     for finetune in finetunes:
         for batch in batch_sizes:
@@ -279,7 +301,7 @@ def cases(method: str = "sdd", preset: str = "tiny", finetunes=("xattn",), batch
                 tag = f"{finetune}/B{batch}/{precision}"
                 if precision == "fp32":
                     out.append(Case(name=f"reference {tag}", reference=True, **base))
-                for name, perf in (EXACT_SWITCHES if switches == "all" else {"ours": {}}).items():
+                for name, perf in chosen.items():
                     out.append(Case(name=f"{name} {tag}", perf=perf, **base))
                 if teacher_bf16:
                     out.append(Case(name=f"ours+teacher-bf16 {tag}", perf={"teacher_precision": "bf16"}, **base))

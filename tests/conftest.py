@@ -97,3 +97,22 @@ def reference_dir(tmp_path_factory):
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path / f"{i:012d}.jpg")
     return str(path)
+
+
+@pytest.fixture
+def narrow_sdxl_random(monkeypatch):
+    """``sdxl-random`` (``sdd.models.build_sdxl_random``, the same code and the same layer structure: three UNet
+    levels, text_time conditioning, two encoders, the 4-level VAE) at a width a CPU test can build and run: 64 px."""
+    from sdd import models
+
+    unet = dict(sample_size=8, block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4),
+                transformer_layers_per_block=(1, 1, 1), cross_attention_dim=32 + 48, addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 48)
+    text = dict(intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    for config, values in ((models.SDXL_UNET_CONFIG, unet),
+                           (models.SDXL_TEXT_ENCODER_CONFIG, dict(text, hidden_size=32, projection_dim=32)),
+                           (models.SDXL_TEXT_ENCODER_2_CONFIG, dict(text, hidden_size=48, projection_dim=48)),
+                           (models.SDXL_VAE_CONFIG, dict(block_out_channels=(32, 32, 32, 32), sample_size=64))):
+        for key, value in values.items():
+            monkeypatch.setitem(config, key, value)
+    return models.build_sdxl_random

@@ -72,3 +72,55 @@ def test_the_reference_case_is_configuration():
     assert cfg.perf.frozen_passes == "separate" and cfg.perf.cache_text_embeddings is False
     result = speed.run_case(speed.Case(name="r", reference=True, batch_size=2, ddim_steps=3), iters=1, warmup=0)
     assert result["sampling_s"] > 0 and result["student_s"] > 0 and len(result["losses"]) == 1
+
+
+def test_the_sdxl_preset_is_sdxl_random_and_switches_can_be_named():
+    from sdd.errors import UserError
+
+    chosen = speed.cases("sdd", "sdxl", ("xattn", "lora"), (1,), ("bf16",),
+                         switches="ours,ours+grad-checkpointing")
+    assert [c.name for c in chosen] == ["ours xattn/B1/bf16", "ours+grad-checkpointing xattn/B1/bf16",
+                                        "ours lora/B1/bf16", "ours+grad-checkpointing lora/B1/bf16"]
+    cfg = speed.make_config(chosen[1])
+    assert cfg.model.pretrained == "sdxl-random" and cfg.train.mixed_precision == "bf16"
+    assert cfg.perf.gradient_checkpointing is True and cfg.finetune == "xattn"
+    assert cfg.sdd.resolution is None  # the model's own: sdxl-random's 1024 px (tests/test_models.py)
+    assert [c.name for c in speed.cases(switches="default")] == ["reference xattn/B1/fp32", "ours xattn/B1/fp32"]
+    with pytest.raises(UserError, match="unknown ours\\+nothing"):
+        speed.cases(switches="ours,ours+nothing")
+
+
+def test_every_bench_line_of_the_performance_script_builds_its_configs():
+    """scripts/performance.sh's sdd-bench calls (cpu and gpu, the SDXL rows included) parse, and every case they
+    would run resolves to a config, without building a model."""
+    import pathlib
+    import shlex
+
+    from sdd.cli.bench import parser
+
+    script = (pathlib.Path(__file__).parents[1] / "scripts" / "performance.sh").read_text().replace("\\\n", " ")
+    calls = [shlex.split(line.split("sdd-bench\"", 1)[1]) for line in script.splitlines() if "sdd-bench\"" in line]
+    assert len(calls) == 8
+    presets = set()
+    for argv in calls:
+        a = parser().parse_args(argv)
+        chosen = speed.cases(a.method, a.preset, tuple(a.finetune.split(",")),
+                             tuple(int(b) for b in a.batch_sizes.split(",")), tuple(a.precision.split(",")),
+                             a.ddim_steps, a.switches, a.teacher_bf16, a.compile, a.processes)
+        for case in chosen:
+            assert speed.make_config(case).model.pretrained == speed.PRESETS[a.preset]
+        presets.add(a.preset)
+        if a.preset == "sdxl":
+            assert {c.precision for c in chosen} == {"bf16"} and {c.batch_size for c in chosen} == {1}
+    assert presets == {"tiny", "sd15", "sdxl"}
+
+
+@pytest.mark.parametrize("method, finetune", [("sdd", "xattn"), ("sdd", "lora"), ("esd", "xattn")])
+def test_sdxl_preset_cases_run_a_step(narrow_sdxl_random, method, finetune):
+    """The SDXL rows' configuration (bf16, batch 1, gradient checkpointing) runs through the benchmark on
+    sdxl-random's code, narrowed to 64 px: the model's default resolution sets the latents."""
+    case = speed.Case(name="x", method=method, preset="sdxl", finetune=finetune, precision="bf16", ddim_steps=3,
+                      perf={"gradient_checkpointing": True})
+    result = speed.run_case(case, iters=1, warmup=0)
+    assert len(result["losses"]) == 1 and torch.isfinite(torch.tensor(result["losses"])).all()
+    assert result["trainable_params"] > 0 and result["sampling_s"] > 0

@@ -2,6 +2,7 @@
 
     sdd-bench --preset tiny --method sdd --batch-sizes 1,8 --iters 20 --out PERF.json
     sdd-bench --preset sd15 --finetune xattn,full,lora --precision fp32,bf16       # on a GPU
+    sdd-bench --preset sdxl --finetune xattn,lora --precision bf16 --switches ours,ours+grad-checkpointing
 
 Each case runs in a fresh process with the same seeds; see ``sdd.speed`` for what the reference case is.
 """
@@ -13,10 +14,10 @@ import sys
 
 from sdd import api
 from sdd.errors import run_main
-from sdd.speed import PRESETS
+from sdd.speed import EXACT_SWITCHES, PRESETS
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdd-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="sdd", choices=["sdd", "esd"])
@@ -28,14 +29,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--switches", default="all", choices=["all", "default"],
-                        help="time every exact switch, or only the default configuration")
+    parser.add_argument("--switches", default="all",
+                        help="all: time every exact switch; default: only the default configuration; or a "
+                             f"comma-separated list of: {', '.join(EXACT_SWITCHES)}")
     parser.add_argument("--teacher-bf16", action="store_true", help="also time bf16 autocast for the sampling")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--processes", type=int, default=1, help="also time the default case data-parallel")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each process")
     parser.add_argument("--out", default=None, help="JSON file for the results")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
     report = api.speed(
         args.method, preset=args.preset, finetunes=args.finetune.split(","),
         batch_sizes=[int(b) for b in args.batch_sizes.split(",")], precisions=args.precision.split(","),
