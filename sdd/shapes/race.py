@@ -228,7 +228,7 @@ def format_report(report: dict) -> str:
     t, s = report["target"], report["settings"]
     concepts = bench.concepts_of(s["concept"])
     lines = [f"Time to target: {' and '.join(concepts)} at most {t['max_rate']:g} on prompts asking for it, other "
-             f"prompts' colour and shape at most {100 * t['band']:g} points below the base"
+             f"prompts' colour and shape at most {100 * t['band']:g} point(s) below the base"
              + (f", kept at least {t['min_kept']:g}" if t["min_kept"] else "")
              + f"; checkpoints every {report['every']} steps; benchmark {s['n']} / {s['n']} / {s['n_retention']} "
              f"images at seeds {s['seed']}..", "",
@@ -241,9 +241,10 @@ def format_report(report: dict) -> str:
             m = p["metrics"] if p else {}
             rates = [_count(m, "erased_rate" + ("" if len(concepts) == 1 else f":{c}")) for c in concepts]
             reached = seed["steps"] is not None
+            seconds = f"{seed['seconds']:.1f}" if reached else "–"
             lines.append(
-                f"| {row['label']} | {seed['seed']} | {seed['steps'] if reached else 'not reached'} | "
-                f"{seed['seconds'] if reached else '–'} | {seed['ratio'] if seed['ratio'] is not None else '–'} | "
+                f"| {row['label']} | {seed['seed']} | {seed['steps'] if reached else 'not reached'} | {seconds} | "
+                f"{seed['ratio'] if seed['ratio'] is not None else '–'} | "
                 f"{seed['run_seconds']:.1f} | {seed['run_ratio']} | " + " | ".join(rates)
                 + f" | {_count(m, 'retention_colour')} | {_count(m, 'retention_shape')} |")
         lines.append(f"| {row['label']}, all seeds | | | {row['seconds_total'] or '–'} | **{row['ratio'] or '–'}** | "
