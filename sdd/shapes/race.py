@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 
 from sdd.config import merge_overrides
 from sdd.errors import UserError
-from sdd.files import write_json, write_text
+from sdd.files import to_json, write_json, write_text
 from sdd.loop import TRAINER_STATE, fit, list_checkpoints
 from sdd.methods import registry
 from sdd.shapes import bench
@@ -136,7 +136,7 @@ def run_lane(cfg, label: str, seed: int, base: dict, settings: bench.BenchSettin
     _train(cfg)
     run_dir = cfg.output_dir
     cache_path = os.path.join(run_dir, "race.json")
-    key = json.dumps(asdict(settings), sort_keys=True)
+    key = to_json(asdict(settings))
     cache: dict = {}
     if os.path.isfile(cache_path):
         with open(cache_path, encoding="utf-8") as f:
