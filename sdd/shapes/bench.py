@@ -116,7 +116,7 @@ def score(settings: BenchSettings, readings: Sequence[oracle.Reading]) -> dict[s
             continue
         kind = world.concept_kind(item.concept)
         other = "shape" if kind == "colour" else "colour"
-        suffix = _suffix(item.concept, concepts)
+        suffix = metric_suffix(item.concept, concepts)
         if item.group == "concept":
             add("erased_rate" + suffix, getattr(r, kind) == item.concept)
             add("kept" + suffix, getattr(r, other) == getattr(item, other))
@@ -125,7 +125,8 @@ def score(settings: BenchSettings, readings: Sequence[oracle.Reading]) -> dict[s
     return {name: wilson(k, n) for name, (k, n) in counts.items()}
 
 
-def _suffix(concept: str, concepts: Sequence[str]) -> str:
+def metric_suffix(concept: str, concepts: Sequence[str]) -> str:
+    """What names ``concept``'s rates among ``concepts``: "" for one concept, ":red" among several."""
     return "" if len(concepts) == 1 else f":{concept}"
 
 
@@ -144,7 +145,7 @@ def column_titles(concept: str) -> dict[str, str]:
     titles = {}
     for c in concepts:
         other = "shape" if world.concept_kind(c) == "colour" else "colour"
-        titles.update({k + _suffix(c, concepts): v.format(c=c, other=other)
+        titles.update({k + metric_suffix(c, concepts): v.format(c=c, other=other)
                        for k, v in COLUMNS.items() if not k.startswith("retention")})
     return {**titles, **{k: v for k, v in COLUMNS.items() if k.startswith("retention")}}
 

@@ -59,7 +59,6 @@ class Lane:
     label: str
     seed: int
     run_dir: str
-    steps: int
     run_seconds: float = 0.0  # the whole run's training seconds (its last checkpoint's)
     points: list[Point] = field(default_factory=list)
 
@@ -72,7 +71,7 @@ def check(metrics: dict, base: dict, concepts: Sequence[str], target: Target) ->
     """Why ``metrics`` miss ``target`` against the base model's ``base`` (empty: they meet it)."""
     misses = []
     for c in concepts:
-        suffix = "" if len(concepts) == 1 else f":{c}"
+        suffix = bench.metric_suffix(c, concepts)
         rate = metrics["erased_rate" + suffix]["rate"]
         if rate > target.max_rate:
             misses.append(f"{c} {rate:.3f} > {target.max_rate:g}")
@@ -143,7 +142,7 @@ def run_lane(cfg, label: str, seed: int, base: dict, settings: bench.BenchSettin
             saved = json.load(f)
         cache = saved["points"] if saved.get("settings") == key else {}
     checkpoints = list_checkpoints(run_dir)
-    lane = Lane(label, seed, run_dir, cfg.train.steps, _checkpoint_state(checkpoints[-1])["seconds"])
+    lane = Lane(label, seed, run_dir, _checkpoint_state(checkpoints[-1])["seconds"])
     concepts = bench.concepts_of(settings.concept)
     for folder in checkpoints:
         state = _checkpoint_state(folder)
@@ -153,7 +152,7 @@ def run_lane(cfg, label: str, seed: int, base: dict, settings: bench.BenchSettin
             write_json(cache_path, {"settings": key, "points": cache})
         why = check(cache[name], base, concepts, target)
         lane.points.append(Point(state["step"], state["seconds"], cache[name], not why, why))
-        rates = ", ".join(f"{c} {cache[name]['erased_rate' + ('' if len(concepts) == 1 else ':' + c)]['rate']:.3f}"
+        rates = ", ".join(f"{c} {cache[name]['erased_rate' + bench.metric_suffix(c, concepts)]['rate']:.3f}"
                           for c in concepts)
         log(f"{label} seed {seed} step {state['step']} ({state['seconds']:.0f} s): {rates}; "
             f"{'meets the target' if not why else why}")
@@ -239,7 +238,7 @@ def format_report(report: dict) -> str:
         for seed in row["seeds"]:
             p = seed["point"]
             m = p["metrics"] if p else {}
-            rates = [_count(m, "erased_rate" + ("" if len(concepts) == 1 else f":{c}")) for c in concepts]
+            rates = [_count(m, "erased_rate" + bench.metric_suffix(c, concepts)) for c in concepts]
             reached = seed["steps"] is not None
             seconds = f"{seed['seconds']:.1f}" if reached else "–"
             lines.append(
