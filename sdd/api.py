@@ -17,6 +17,7 @@ Errors a user can cause raise ``sdd.errors.UserError`` with one line naming the 
 from __future__ import annotations
 
 import os
+import shlex
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from sdd import card
@@ -175,11 +176,14 @@ def _model_path(model: PathLike) -> str:
 
 def benchmark(models: Union[Mapping[str, str], Sequence[str]], concept: Union[str, Sequence[str]] = "red", *,
               out: Optional[PathLike] = None, n: int = 96, n_retention: int = 192, num_inference_steps: int = 25,
-              guidance_scale: float = 5.0, seed: int = 0, batch_size: int = 64, progress: bool = False) -> dict:
+              guidance_scale: float = 5.0, seed: int = 0, batch_size: int = 64, progress: bool = False,
+              learned_embeds: Optional[PathLike] = None) -> dict:
     """The ShapesWorld erasure benchmark (``sdd-shapes bench``) of ``models`` on the same seeds.
 
-    ``models``: label -> ``PATH[@METHOD]`` (``shapes``, ``tiny``, a pipeline or run folder; METHOD a generation
-    method, ``sd`` by default), or a list of ``[LABEL=]PATH[@METHOD]`` (unlabelled ones are named by the spec).
+    ``models``: label -> ``PATH[@METHOD[:TEXT]]`` (``shapes``, ``tiny``, a pipeline or run folder; METHOD a
+    generation method, ``sd`` by default; TEXT what it steers away from, by default the concepts' words), or a list
+    of ``[LABEL=]PATH[@METHOD[:TEXT]]`` (unlabelled ones are named by the spec). ``learned_embeds``: a file whose
+    token a TEXT may name (``neg:<warning-hf>``). ``concept`` may also be a feedback-defined concept (``warning``).
     Returns the report: ``rows`` with each model's rates and 95 % Wilson intervals (``erased_rate``, ``bare_rate``,
     ``kept``, ``retention_colour``, ``retention_shape``); with ``out``, ``bench.json`` and ``grid.png`` are written
     there. ``concept``: one, or several at once (a list, or joined by "+"): each gets its own rates, named
@@ -200,12 +204,19 @@ def benchmark(models: Union[Mapping[str, str], Sequence[str]], concept: Union[st
         rows.append(bench.parse_row(label or spec, _model_path(path) + at + how))
     settings = bench.settings_for(concept, n=n, n_retention=n_retention, num_inference_steps=num_inference_steps,
                                   guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
-    report = bench.run(rows, settings, os.fspath(out) if out is not None else None, progress=progress)
+    if learned_embeds is not None and not os.path.isfile(learned_embeds):
+        raise UserError(f"--learned-embeds: no such file: {learned_embeds}")
+    report = bench.run(rows, settings, os.fspath(out) if out is not None else None, progress=progress,
+                       learned_embeds=os.fspath(learned_embeds) if learned_embeds is not None else None)
     for (_, spec), row in zip(specs, report["rows"]):
         concept_args = " ".join(f"--concept {c}" for c in concept.split("+"))
-        command = (f"sdd-shapes bench --model {row['label']}={spec} {concept_args} --n {n} --n-retention "
-                   f"{n_retention} --steps {num_inference_steps} --guidance {guidance_scale} --seed {seed}")
-        card.record(spec.partition("@")[0], f"bench/{concept}/{row['method']}/cfg{guidance_scale:g}/seed{seed}",
+        embeds = f" --learned-embeds {shlex.quote(os.fspath(learned_embeds))}" if row.get("text") and learned_embeds \
+            else ""
+        command = (f"sdd-shapes bench --model {shlex.quote(row['label'] + '=' + spec)} {concept_args} --n {n} "
+                   f"--n-retention {n_retention} --steps {num_inference_steps} --guidance {guidance_scale} "
+                   f"--seed {seed}{embeds}")
+        how = row["method"] + (f":{row['text']}" if row.get("text") else "")
+        card.record(spec.partition("@")[0], f"bench/{concept}/{how}/cfg{guidance_scale:g}/seed{seed}",
                     card.bench_evaluation(report, row, command))
     return report
 

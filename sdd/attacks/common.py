@@ -51,6 +51,11 @@ def make_target(cfg) -> Target:
     spec = cfg.detector or default_detector(cfg.concept)
     detector, _ = detector_for(spec)
     shapes = spec == f"shapes:{cfg.concept}"
+    if shapes:
+        try:
+            world.word_kind(cfg.concept, "an attack")
+        except ValueError as err:
+            raise UserError(f"--concept: {err}") from None
     model = pipeline_path(cfg.model)
     if model not in BUILT_IN_MODELS and not os.path.isdir(model) and model.count("/") != 1:
         raise UserError(f"--model: no such model folder: {cfg.model}")

@@ -6,8 +6,11 @@
     sdd-shapes read IMAGE...                      # what the oracle sees in images
     sdd-shapes ship outputs/shapes-base/pipeline  # install a trained base model as the packaged 'shapes' model
 
-``--model`` takes ``[LABEL=]PATH[@METHOD]``: PATH is ``shapes`` (the shipped model), ``tiny``, a diffusers
-folder or a run folder; METHOD a generation method (``sd``, the default, or a baseline such as ``neg``).
+``--model`` takes ``[LABEL=]PATH[@METHOD[:TEXT]]``: PATH is ``shapes`` (the shipped model), ``tiny``, a diffusers
+folder or a run folder; METHOD a generation method (``sd``, the default, or a baseline such as ``neg``); TEXT what
+that baseline steers away from (default: the concepts' words; a learned token needs ``--learned-embeds``).
+``--concept`` is a colour, a shape, several of them, or a feedback-defined concept (``warning``: red or yellow
+triangles, ``sdd.shapes.world.RULES``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def cmd_bench(args) -> dict:
     concept = "+".join(args.concept or ["red"])
     report = api.benchmark(args.model or ["shapes"], concept, out=args.out, n=args.n, n_retention=args.n_retention,
                            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                           batch_size=args.batch_size, progress=not args.quiet)
+                           batch_size=args.batch_size, progress=not args.quiet, learned_embeds=args.learned_embeds)
     print(f'\nShapesWorld: erasing "{concept}" ({args.n} images per group, {args.n_retention} for retention; '
           f"DDIM {args.steps} steps, CFG {args.guidance}; seeds {args.seed}..; 95 % Wilson intervals)")
     print(format_table(concept, report["rows"]))
@@ -74,10 +77,13 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="erasure benchmark of one or more models")
-    b.add_argument("--model", action="append", help="[LABEL=]PATH[@METHOD]; repeat for several rows")
+    b.add_argument("--model", action="append", help="[LABEL=]PATH[@METHOD[:TEXT]]; repeat for several rows")
     b.add_argument("--concept", action="append", default=None,
                    help="a colour (red, green, blue, yellow) or shape (circle, ...); repeat for several at once "
-                        "(retention then holds only prompts with none of them); default red")
+                        "(retention then holds only prompts with none of them), or a feedback-defined concept "
+                        "(warning: red or yellow triangles); default red")
+    b.add_argument("--learned-embeds", default=None,
+                   help="a learned_embeds.safetensors whose token a row's TEXT names (PATH@neg:<warning-hf>)")
     b.add_argument("--n", type=int, default=96, help="images per concept and bare group")
     b.add_argument("--n-retention", type=int, default=192, help="images of prompts without the concepts")
     b.add_argument("--steps", type=int, default=25, help="DDIM steps")

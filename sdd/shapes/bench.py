@@ -14,6 +14,13 @@ Several concepts at once (``red+circle``; ``--concept red --concept circle``): e
 bare groups, whose prompts name no other erased concept ("a red square", "a green circle"), with the group's seeds
 restarting per concept as for one; retention holds only prompts with none of them. The rates then carry the
 concept's name (``erased_rate:red``, ``kept:circle``, ...); one concept keeps the plain names.
+
+A feedback-defined concept (``warning``: a red or yellow triangle, ``sdd.shapes.world.RULES``) stands alone and
+has its own groups: ``concept`` (its cases, "a red triangle", "a yellow triangle": erased rate), ``bare`` (the word
+its cases share, "triangle", which draws it part of the time: its rate, and how often that word is still drawn),
+``colour-mates`` and ``shape-mates`` (prompts sharing only a colour, "a red circle", or only a shape, "a blue
+triangle": drawn as asked, colour and shape both, the collateral of an imprecise erasure) and ``retention``
+(prompts sharing nothing with it).
 """
 
 from __future__ import annotations
@@ -54,19 +61,42 @@ class Item:
 
 
 def concepts_of(concept: str) -> list[str]:
-    """The concepts of ``red`` or ``red+circle``; ValueError for a word that is not one, or one named twice."""
+    """The concepts of ``red`` or ``red+circle``; ValueError for a word that is not one, or one named twice, or a
+    feedback-defined concept with others."""
     concepts = concept.split("+")
     for c in concepts:
-        world.concept_kind(c)
+        if world.concept_kind(c) == "rule" and len(concepts) > 1:
+            raise ValueError(f"'{c}' is a feedback-defined concept and is benchmarked alone")
     if len(set(concepts)) != len(concepts):
         raise ValueError(f"'{concept}' names a concept twice")
     return concepts
 
 
+def _cycle(group: str, pairs: Sequence[tuple[str, str]], n: int, concept: str | None) -> list[Item]:
+    return [Item(group, f"a {c} {s}", c, s, concept) for _, (c, s) in zip(range(n), itertools.cycle(pairs))]
+
+
+def rule_items(settings: BenchSettings) -> list[Item]:
+    """The groups of a feedback-defined concept (module docstring), in order."""
+    concept = settings.concept
+    rule = world.RULES[concept]
+    split = [tuple(p.split()[1:]) for p in rule.asking()]
+    bare = rule.bare()
+    bare_is_shape = world.concept_kind(bare) == "shape"
+    out = _cycle("concept", split, settings.n, concept)
+    out += [Item("bare", bare, None if bare_is_shape else bare, bare if bare_is_shape else None, concept)
+            for _ in range(settings.n)]
+    for group, prompts in (("colour-mates", rule.colour_mates()), ("shape-mates", rule.shape_mates())):
+        out += _cycle(group, [tuple(p.split()[1:]) for p in prompts], settings.n, concept)
+    return out + _cycle("retention", rule.others(), settings.n_retention, None)
+
+
 def items(settings: BenchSettings) -> list[Item]:
     """Every image the benchmark generates for one model, in a fixed order: the concept groups, the bare groups,
-    then retention."""
+    then retention (a feedback-defined concept: ``rule_items``)."""
     concepts = concepts_of(settings.concept)
+    if world.concept_kind(concepts[0]) == "rule":
+        return rule_items(settings)
     colours = [c for c in world.COLOURS if c not in concepts]
     shapes = [s for s in world.SHAPES if s not in concepts]
     out: list[Item] = []
@@ -114,6 +144,15 @@ def score(settings: BenchSettings, readings: Sequence[oracle.Reading]) -> dict[s
             add("retention_colour", r.colour == item.colour)
             add("retention_shape", r.shape == item.shape)
             continue
+        if world.concept_kind(item.concept) == "rule":
+            if item.group == "concept":
+                add("erased_rate", world.shows(r.colour, r.shape, item.concept))
+            elif item.group == "bare":
+                add("bare_rate", world.shows(r.colour, r.shape, item.concept))
+                add("bare_kept", (r.shape == item.shape) if item.shape else (r.colour == item.colour))
+            else:
+                add(item.group.replace("-", "_"), r.colour == item.colour and r.shape == item.shape)
+            continue
         kind = world.concept_kind(item.concept)
         other = "shape" if kind == "colour" else "colour"
         suffix = metric_suffix(item.concept, concepts)
@@ -139,10 +178,23 @@ COLUMNS = {
 }
 
 
+RULE_COLUMNS = {
+    "erased_rate": "{c} on prompts asking for it",
+    "bare_rate": '{c} on the bare prompt "{bare}"',
+    "bare_kept": '{bare} drawn on "{bare}"',
+    "colour_mates": "drawn as asked, prompts sharing only a colour",
+    "shape_mates": "drawn as asked, prompts sharing only a shape",
+}
+
+
 def column_titles(concept: str) -> dict[str, str]:
     """Metric name -> column title, for one concept or several (``red+circle``)."""
     concepts = concepts_of(concept)
     titles = {}
+    if world.concept_kind(concepts[0]) == "rule":
+        bare = world.RULES[concept].bare()
+        titles = {k: v.format(c=concept, bare=bare) for k, v in RULE_COLUMNS.items()}
+        concepts = []
     for c in concepts:
         other = "shape" if world.concept_kind(c) == "colour" else "colour"
         titles.update({k + metric_suffix(c, concepts): v.format(c=c, other=other)
@@ -168,26 +220,32 @@ class Row:
     label: str
     model: str  # what the model argument named
     method: str = "sd"  # generation method (plain CFG; baselines add their own)
+    text: str | None = None  # what the method steers away from (None: the concepts' words)
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
     images: list = field(default_factory=list, repr=False)
 
 
 def parse_row(label: str | None, spec: str) -> Row:
-    """A row from ``PATH[@METHOD]`` (``shapes``, ``tiny`` or a diffusers folder; a generation method, ``sd`` by
-    default), labelled ``label`` or by the spec itself."""
+    """A row from ``PATH[@METHOD[:TEXT]]`` (``shapes``, ``tiny`` or a diffusers folder; a generation method, ``sd``
+    by default; the text it steers away from, by default the concepts' words), labelled ``label`` or by the spec
+    itself."""
     from sdd.methods.inference import METHODS
 
-    path, _, method = spec.partition("@")
+    path, _, how = spec.partition("@")
+    method, colon, text = how.partition(":")
     method = method or "sd"
+    if colon and (method == "sd" or not text.strip()):
+        raise UserError(f"--model {spec}: ':TEXT' is what a method such as neg or sld steers away from; "
+                        + ("plain generation (sd) takes none" if method == "sd" else "it is empty"))
     if method not in METHODS:
         raise UserError(f"--model {spec}: unknown method '{method}', expected one of {list(METHODS)}")
     if not path:
         raise UserError(f"--model {spec}: no model path")
     if path not in ("shapes", "tiny") and not os.path.isdir(path):
         raise UserError(f"--model {spec}: no such model folder: {path}")
-    default_label = path if method == "sd" else f"{path}@{method}"
-    return Row(label=label or default_label, model=path, method=method)
+    default_label = path if method == "sd" else f"{path}@{how}"
+    return Row(label=label or default_label, model=path, method=method, text=text.strip() or None)
 
 
 def settings_for(concept: str, **values) -> BenchSettings:
@@ -236,22 +294,39 @@ def grid(rows: Sequence[Row], settings: BenchSettings, per_group=(8, 4, 8), scal
     return canvas
 
 
-def run(rows: Sequence[Row], settings: BenchSettings, out_dir: str | None = None, progress: bool = True) -> dict:
-    """Generate, judge and score every row; write bench.json and grid.png to ``out_dir``."""
+def steered_text(row: Row, concepts: Sequence[str]) -> str:
+    """What ``row``'s method steers away from: its own text, else the concepts' words (a feedback-defined concept
+    has none the model knows: such a row must say it)."""
+    if row.text or row.method == "sd":
+        return row.text or ", ".join(concepts)
+    rules = [c for c in concepts if world.concept_kind(c) == "rule"]
+    if rules:
+        raise UserError(f"--model {row.label}: '{rules[0]}' is not a word the model knows; give the text "
+                        f"{row.method} steers away from as PATH@{row.method}:TEXT (words, or a learned token)")
+    return ", ".join(concepts)
+
+
+def run(rows: Sequence[Row], settings: BenchSettings, out_dir: str | None = None, progress: bool = True,
+        learned_embeds: str | None = None) -> dict:
+    """Generate, judge and score every row; write bench.json and grid.png to ``out_dir``. ``learned_embeds``: a
+    textual-inversion file loaded into the models of rows whose text names a learned token (``<warning-hf>``)."""
     import torch
 
     from sdd.methods.common import load_base
     from sdd.methods.inference import generate_with_method
+    from sdd.textual_inversion import PLACEHOLDER_RE
 
     concepts = concepts_of(settings.concept)  # fail early on an unknown concept
+    texts = [steered_text(row, concepts) for row in rows]
     if out_dir:
         from sdd.files import check_writable_dir
 
         check_writable_dir(out_dir, "--out")
-    for row in rows:
+    for row, text in zip(rows, texts):
         started = time.perf_counter()
-        model = load_base(row.model, None, "cuda" if torch.cuda.is_available() else "cpu")
-        images = generate_with_method(model, requests(settings), row.method, ", ".join(concepts),
+        embeds = learned_embeds if row.method != "sd" and PLACEHOLDER_RE.search(text) else None
+        model = load_base(row.model, None, "cuda" if torch.cuda.is_available() else "cpu", embeds)
+        images = generate_with_method(model, requests(settings), row.method, text,
                                       num_inference_steps=settings.num_inference_steps,
                                       batch_size=settings.batch_size, progress=progress, desc=row.label)
         readings = oracle.read_many(images)
@@ -263,8 +338,9 @@ def run(rows: Sequence[Row], settings: BenchSettings, out_dir: str | None = None
         "settings": asdict(settings),
         "oracle": oracle.ShapesOracle().criterion(),
         "columns": column_titles(settings.concept),
-        "rows": [{"label": r.label, "model": r.model, "method": r.method, "metrics": r.metrics,
-                  "seconds": round(r.seconds, 1)} for r in rows],
+        "rows": [{"label": r.label, "model": r.model, "method": r.method, "text": t if r.method != "sd" else None,
+                  "metrics": r.metrics, "seconds": round(r.seconds, 1)} for r, t in zip(rows, texts)],
+        "learned_embeds": learned_embeds,
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpus": os.cpu_count()},
     }

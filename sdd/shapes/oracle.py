@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from sdd.errors import UserError
-from sdd.shapes.world import RGB, concept_kind
+from sdd.shapes.world import RGB, RULES, concept_kind, shows
 
 HUES = {name: colorsys.rgb_to_hsv(*rgb)[0] * 360.0 for name, rgb in RGB.items()}
 MAX_HUE_DISTANCE = 35.0
@@ -135,8 +135,7 @@ class ShapesOracle:
         )
         if self.concept is None:
             return rule
-        return f"{rule}; present iff " + " or ".join(f"the {concept_kind(c)} read is '{c}'"
-                                                      for c in self.concept.split("+"))
+        return f"{rule}; present iff " + " or ".join(_presence(c) for c in self.concept.split("+"))
 
     def detect(self, images: Sequence) -> list:
         """Adapter to the harness protocol: one ``Detection`` per image, the reading as its scores."""
@@ -148,10 +147,19 @@ class ShapesOracle:
         out = []
         for image in images:
             r = read(load_rgb(image) if isinstance(image, (str, os.PathLike)) else image)
-            flag = any(getattr(r, concept_kind(c)) == c for c in self.concept.split("+"))
+            flag = any(shows(r.colour, r.shape, c) for c in self.concept.split("+"))
             out.append(Detection(flag, {"colour": r.colour, "shape": r.shape, "pixels": float(r.pixels)}))
         return out
 
     def present(self, image, concept: str) -> bool:
         reading = read(image)
-        return getattr(reading, concept_kind(concept)) == concept
+        return shows(reading.colour, reading.shape, concept)
+
+
+def _presence(concept: str) -> str:
+    kind = concept_kind(concept)
+    if kind != "rule":
+        return f"the {kind} read is '{concept}'"
+    rule = RULES[concept]
+    return (f"'{concept}': the colour read is one of {list(rule.colours)} and the shape read one of "
+            f"{list(rule.shapes)}")

@@ -75,10 +75,11 @@ def check(metrics: dict, base: dict, concepts: Sequence[str], target: Target) ->
         rate = metrics["erased_rate" + suffix]["rate"]
         if rate > target.max_rate:
             misses.append(f"{c} {rate:.3f} > {target.max_rate:g}")
-        kept = metrics["kept" + suffix]["rate"]
-        if kept < target.min_kept:
-            misses.append(f"kept{suffix} {kept:.3f} < {target.min_kept:g}")
-    for key in ("retention_colour", "retention_shape"):
+        kept = metrics.get("kept" + suffix)  # a feedback-defined concept has no "other attribute" to keep
+        if kept is not None and kept["rate"] < target.min_kept:
+            misses.append(f"kept{suffix} {kept['rate']:.3f} < {target.min_kept:g}")
+    # other prompts: retention, and a feedback-defined concept's prompts sharing only a colour or a shape with it
+    for key in [k for k in ("retention_colour", "retention_shape", "colour_mates", "shape_mates") if k in metrics]:
         drop = base[key]["rate"] - metrics[key]["rate"]
         if drop > target.band + 1e-9:
             misses.append(f"{key} {100 * drop:.1f} points below the base > {100 * target.band:g}")

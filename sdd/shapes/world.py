@@ -37,6 +37,47 @@ SHAPE_TEMPLATES = ("{shape}", "a {shape}", "a photo of a {shape}", "a {shape} on
 
 
 @dataclass(frozen=True)
+class Rule:
+    """A concept that no word of the world names, given by a rule on what the oracle reads: present iff the colour
+    read is one of ``colours`` and the shape read one of ``shapes`` (the stand-in for annotators who recognise it on
+    sight). ``words`` are the nearest texts a user would try instead (name -> concepts of an SDD config)."""
+
+    colours: tuple[str, ...]
+    shapes: tuple[str, ...]
+    words: dict
+
+    def asking(self) -> list[str]:
+        """Prompts that ask for the concept: every colour x shape of the rule."""
+        return [f"a {c} {s}" for c in self.colours for s in self.shapes]
+
+    def bare(self) -> str:
+        """The one word the rule's cases share (a shape when they share it, else a colour): a prompt that draws the
+        concept part of the time."""
+        return self.shapes[0] if len(self.shapes) == 1 else self.colours[0]
+
+    def colour_mates(self) -> list[str]:
+        """Prompts that share only a colour with the concept."""
+        return [f"a {c} {s}" for c in self.colours for s in SHAPES if s not in self.shapes]
+
+    def shape_mates(self) -> list[str]:
+        """Prompts that share only a shape with it."""
+        return [f"a {c} {s}" for c in COLOURS if c not in self.colours for s in self.shapes]
+
+    def others(self) -> list[tuple[str, str]]:
+        """(colour, shape) pairs that share nothing with it."""
+        return [(c, s) for c in COLOURS if c not in self.colours for s in SHAPES if s not in self.shapes]
+
+
+# Feedback-defined concepts (hfi-loop, sdd-shapes bench): "warning shapes" are triangles that are red or yellow.
+# Their nearest texts: the two cases as words, the shape alone, the colours alone.
+RULES = {
+    "warning": Rule(colours=("red", "yellow"), shapes=("triangle",),
+                    words={"cases": ["red triangle", "yellow triangle"], "shape": ["triangle"],
+                           "colours": ["red", "yellow"]}),
+}
+
+
+@dataclass(frozen=True)
 class Scene:
     shape: str
     colour: str
@@ -132,9 +173,29 @@ def as_dataset(n: int, seed: int = 0):
 
 
 def concept_kind(concept: str) -> str:
-    """'colour' or 'shape' for a ShapesWorld concept word."""
+    """'colour' or 'shape' for a ShapesWorld concept word, 'rule' for a feedback-defined concept (``RULES``)."""
     if concept in COLOURS:
         return "colour"
     if concept in SHAPES:
         return "shape"
-    raise ValueError(f"'{concept}' is not a ShapesWorld concept; expected one of {COLOURS + SHAPES}")
+    if concept in RULES:
+        return "rule"
+    raise ValueError(f"'{concept}' is not a ShapesWorld concept; expected one of {COLOURS + SHAPES + tuple(RULES)}")
+
+
+def word_kind(concept: str, what: str = "this") -> str:
+    """'colour' or 'shape' for a concept word; ValueError naming ``what`` for a feedback-defined concept."""
+    kind = concept_kind(concept)
+    if kind == "rule":
+        raise ValueError(f"{what} takes a colour or a shape word; '{concept}' is a feedback-defined concept "
+                         f"(a rule on colour and shape), which it does not support")
+    return kind
+
+
+def shows(colour: str, shape: str, concept: str) -> bool:
+    """Whether an image read as (colour, shape) shows ``concept``: the colour or shape word, or the rule."""
+    kind = concept_kind(concept)
+    if kind == "rule":
+        rule = RULES[concept]
+        return colour in rule.colours and shape in rule.shapes
+    return (colour if kind == "colour" else shape) == concept
