@@ -88,7 +88,7 @@ class ESDMethod:
         self.model = self.base.unet
         self.denoise = self.base.family.denoise  # one denoiser call of the model's family (sdd.families)
         finetune = FINETUNE_SETS.get(cfg.finetune, cfg.finetune)
-        self.trainable_names = configure_trainable(self.model, finetune, cfg.lora, self.base.family.parameter_sets)
+        self.trainable_names = configure_trainable(self.model, finetune, cfg.lora, self.base.family)
         self.model.train()
         # taken before any step, so it is the original model (LoRA adapters start as the identity)
         self.frozen = frozen_copy(self.model, common.share_frozen(cfg.perf))

@@ -168,7 +168,7 @@ class SDDMethod:
                                      single_file_config=cfg.model.single_file_config)
         self.model = self.base.unet
         self.denoise = self.base.family.denoise  # one denoiser call of the model's family (sdd.families)
-        self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora, self.base.family.parameter_sets)
+        self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora, self.base.family)
         self.model.train()
         self.teacher = frozen_copy(self.model, common.share_frozen(cfg.perf))
         # the model as it was, for the preservation term (shares the frozen tensors; costs the trainable ones)
@@ -339,8 +339,8 @@ class Adversary:
         import copy
 
         if base.text_encoder_2 is not None:
-            raise UserError("sdd.adversarial: the inner attack learns one text encoder's token embedding; "
-                            "models with two (SDXL) are not supported yet, set sdd.adversarial.every=0")
+            raise UserError("sdd.adversarial: the inner attack learns one text encoder's token embedding; models "
+                            "with two or three (SDXL, SD3) are not supported yet, set sdd.adversarial.every=0")
         self.base, self.settings = base, settings
         tokenizer = copy.deepcopy(base.tokenizer)  # the exported model's tokenizer never holds the token
         tokenizer.add_tokens(["<adversarial>"])
