@@ -129,7 +129,7 @@ def export_model(
 
     if base.vae is None:
         raise UserError("export: the model has no VAE, so no pipeline can be written")
-    if format != "diffusers" and not family.single_file:
+    if format != "diffusers" and not family.single_file:  # also checked before training (methods.common)
         raise UserError(f"export.format: single files are written for SD-1.x, SD-2.x and SDXL models; {base.source} "
                         f"is a {family.name} model: use export.format=diffusers")
     if format != "diffusers" and is_lora and not merge_lora:

@@ -348,10 +348,23 @@ def test_sd3_features_not_ported_are_one_clear_error(tmp_path, overrides, messag
     assert "\n" not in str(err.value)
 
 
-def test_a_single_file_export_refuses_sd3(tmp_path):
+@pytest.mark.parametrize("config", ["sdd/tiny.yaml", "esd/tiny.yaml"])
+def test_a_single_file_export_refuses_sd3_before_training(tmp_path, config):
     from sdd import api
 
     with pytest.raises(UserError, match="single files are written for SD-1.x, SD-2.x and SDXL models") as err:
-        api.train(str(ROOT / "configs" / "sdd" / "tiny.yaml"), "model.pretrained=tiny-sd3",
-                  f"output_dir={tmp_path / 'run'}", "train.steps=1", "sdd.ddim_steps=2", "export.format=single-file")
+        api.train(str(ROOT / "configs" / config), "model.pretrained=tiny-sd3", f"output_dir={tmp_path / 'run'}",
+                  "export.format=both")
     assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sdd_export_of_an_sd3_run_refuses_a_single_file(tmp_path):
+    from sdd import api
+
+    out = tmp_path / "run"
+    api.train(str(ROOT / "configs" / "sdd" / "tiny.yaml"), "model.pretrained=tiny-sd3", f"output_dir={out}",
+              "train.steps=1", "sdd.ddim_steps=2", "train.checkpoint_every=0", "tracking.num_inference_steps=1")
+    with pytest.raises(UserError, match="tiny-sd3 is a sd3 model: use export.format=diffusers"):
+        api.export(str(out), "export.format=single-file", out=str(tmp_path / "single"))
+    assert not (tmp_path / "single" / "model.safetensors").exists()

@@ -139,14 +139,17 @@ def prediction_of(scheduler) -> Prediction:
 
 def family(name: str, components=None) -> ModelFamily:
     """The family called ``name`` (for ``sdxl``, bound to ``components``: its VAE factor gives the time ids, its
-    ``force_zeros_for_empty_prompt`` the empty prompt's conditioning; for ``sd3``, to its transformer's depth: the
-    last block reads no text for the image)."""
+    ``force_zeros_for_empty_prompt`` the empty prompt's conditioning; for ``sd3``, to its transformer's depth (the
+    last block reads no text for the image) and pooled width)."""
     from sdd.families import sd, sd3, sdxl
 
     if name == sd.FAMILY.name:
         return sd.FAMILY
     if name == sd3.StableDiffusion3.name:
-        return sd3.StableDiffusion3(components.unet.config.num_layers if components is not None else None)
+        if components is None:
+            return sd3.StableDiffusion3()
+        config = components.unet.config
+        return sd3.StableDiffusion3(config.num_layers, config.pooled_projection_dim)
     if name == sdxl.StableDiffusionXL.name:
         if components is None:
             return sdxl.StableDiffusionXL()

@@ -61,8 +61,9 @@ class StableDiffusion3:
     denoiser_name = "transformer"
     single_file = False
 
-    def __init__(self, num_layers: Optional[int] = None):
-        self.num_layers = num_layers
+    def __init__(self, num_layers: Optional[int] = None, pooled_width: Optional[int] = None):
+        # read from the transformer's config once, here: the loop may hand ``denoise`` a DDP wrapper, which has none
+        self.num_layers, self.pooled_width = num_layers, pooled_width
         self.parameter_sets = parameter_sets(num_layers)
 
     def lora_targets(self, target_modules: Sequence[str]) -> list[str]:
@@ -100,7 +101,7 @@ class StableDiffusion3:
         return torch.cat([clip, t5.to(clip.dtype), extra.to(clip.dtype)], dim=1)
 
     def denoise(self, transformer, z: torch.Tensor, t, conditioning: torch.Tensor) -> torch.Tensor:
-        size = transformer.config.pooled_projection_dim
+        size = self.pooled_width or transformer.config.pooled_projection_dim
         rows = math.ceil(size / conditioning.shape[-1])
         pooled = conditioning[:, -rows:].flatten(1)[:, :size]
         timestep = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])

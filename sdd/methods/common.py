@@ -89,6 +89,16 @@ def require_family(base: SDComponents, method: str, epsilon_only: bool = False) 
                         "(SDD and ESD run on it)")
 
 
+def require_export(base: SDComponents, export: ExportConfig) -> None:
+    """One line before anything is trained for an export the model's family cannot write (the same check
+    ``export_model`` makes when ``sdd-export`` runs): SD3 has no single-file layout here."""
+    if export.format != "diffusers" and not base.family.single_file:
+        from sdd.errors import UserError
+
+        raise UserError(f"export.format: single files are written for SD-1.x, SD-2.x and SDXL models; {base.source} "
+                        f"is a {base.family.name} model: use export.format=diffusers")
+
+
 def ddim_grid(base: SDComponents, steps: int):
     """A DDIM scheduler on the model's noise schedule with ``steps`` grid points (noisiest first); for a
     flow-matching model (SD3) its own flow-matching scheduler's grid (``sdd.sampling.grid_step`` takes the Euler

@@ -166,6 +166,7 @@ class SDDMethod:
         self.process_index, self.num_processes = process_index, num_processes
         self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
                                      single_file_config=cfg.model.single_file_config)
+        common.require_export(self.base, cfg.export)
         self.model = self.base.unet
         self.denoise = self.base.family.denoise  # one denoiser call of the model's family (sdd.families)
         self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora, self.base.family)
