@@ -53,7 +53,8 @@ from sdd.sampling import concept_indices, sample_k, sample_to_k
 
 def sdd_loss(eps_concept: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
     """mean over elements of (eps(z_t, c_s, t) - sg(eps(z_t, emptyset, t)))^2, in fp32. On the model's own output:
-    v for a v-prediction model, alpha_bar_t times this in epsilon (docs/METHODS.md section 10)."""
+    v for a v-prediction model, alpha_bar_t times this in epsilon; a flow model's v (SD3), (1 - sigma)^2 times this
+    in epsilon (docs/METHODS.md section 10)."""
     return F.mse_loss(eps_concept.float(), eps_uncond.detach().float())
 
 
