@@ -368,3 +368,31 @@ def test_sdd_export_of_an_sd3_run_refuses_a_single_file(tmp_path):
     with pytest.raises(UserError, match="tiny-sd3 is a sd3 model: use export.format=diffusers"):
         api.export(str(out), "export.format=single-file", out=str(tmp_path / "single"))
     assert not (tmp_path / "single" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_sd3_with_identical_parameters(tmp_path):
+    """The README's command under `accelerate launch` with two CPU processes: DDP wraps the transformer (the family
+    reads nothing from its config at call time) and both processes end with the same weights."""
+    import json
+    import os
+    import socket
+    import sys
+
+    from conftest import run_command
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(ROOT / "train/train_sdd.py"), "--config", str(ROOT / "configs/sdd/tiny.yaml"),
+           "model.pretrained=tiny-sd3", f"output_dir={out}", "train.steps=2", "train.checkpoint_every=0",
+           "sdd.ddim_steps=4", "tracking.num_inference_steps=2"]
+    code, stdout, stderr = run_command(cmd, env=env, timeout=300)
+    assert code == 0, stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["param_checksums"][0] == summary["param_checksums"][1]
+    assert set(summary["exports"]) == {"pipeline", "transformer", "config", "card"}
