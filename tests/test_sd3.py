@@ -396,3 +396,20 @@ def test_two_processes_train_sd3_with_identical_parameters(tmp_path):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["param_checksums"][0] == summary["param_checksums"][1]
     assert set(summary["exports"]) == {"pipeline", "transformer", "config", "card"}
+
+
+def test_the_evaluation_runs_on_tiny_sd3(tmp_path):
+    """sdd-eval's smoke run (plain CFG); an SLD entry on an SD3 model stops with generation's one line."""
+    from sdd.cli.eval import main
+
+    out = tmp_path / "eval"
+    common_args = ["--config", str(ROOT / "configs" / "eval" / "tiny.yaml"), "suites=[nudity]",
+                   "generation.num_inference_steps=2", "generation.batch_size=2", "nudity.limit=2",
+                   "stats.n_resamples=50", "report.grid_prompts=2"]
+    main([*common_args, f"out={out}", "entries=[{label: SD3, model: tiny-sd3, method: sd}, "
+                                      "{label: NEG3, model: tiny-sd3, method: neg, concept: nudity}]"])
+    report = (out / "report.md").read_text()
+    assert "SD3" in report and "NEG3" in report and "tiny-sd3" in report
+    with pytest.raises(UserError, match="flow-matching model \\(SD3\\)"):
+        main([*common_args, f"out={tmp_path / 'sld'}",
+              "entries=[{label: SLD3, model: tiny-sd3, method: sld-max, concept: nudity}]"])
