@@ -413,3 +413,16 @@ def test_the_evaluation_runs_on_tiny_sd3(tmp_path):
     with pytest.raises(UserError, match="flow-matching model \\(SD3\\)"):
         main([*common_args, f"out={tmp_path / 'sld'}",
               "entries=[{label: SLD3, model: tiny-sd3, method: sld-max, concept: nudity}]"])
+
+
+@pytest.mark.parametrize("attack, name", [
+    ("concept-inversion", "HFI token inversion"), ("relearn", "fine-tuning on images"),
+    ("prompt-search", "prompt search"), ("ring-a-bell", "Ring-a-Bell"),
+])
+def test_the_attacks_refuse_sd3_in_one_line(tmp_path, attack, name):
+    """Each learns or searches one text encoder's tokens, or fine-tunes on images with an epsilon loss."""
+    from sdd import api
+
+    with pytest.raises(UserError, match=f"{name} runs on SD-1.x and SD-2.x models so far, and tiny-sd3") as err:
+        api.attack("tiny-sd3", "red", attack, "detector=shapes:red", budget=2, out=tmp_path / "attack")
+    assert "\n" not in str(err.value)
