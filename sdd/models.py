@@ -31,7 +31,7 @@ class SDComponents:
     unet: UNet2DConditionModel  # the denoiser: SD3's SD3Transformer2DModel (its pipeline's "transformer")
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
-    scheduler: object  # the model's own scheduler (kept for export); training builds a DDIMScheduler from it
+    scheduler: object  # the model's own (kept for export); training samples on a DDIM grid from it (flow: its own grid)
     vae: Optional[AutoencoderKL]
     source: str  # what `model.pretrained` named
     family_name: str = "sd"  # its model family (sdd.families): how to encode, call the denoiser, export
