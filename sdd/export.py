@@ -1,8 +1,9 @@
 """Export an erased model in formats people load elsewhere.
 
 ``<out>/pipeline/``              a folder of the family's diffusers pipeline (``StableDiffusionPipeline``,
-                                 ``StableDiffusionXLPipeline``; ``from_pretrained`` loads it)
-``<out>/unet.safetensors``       the UNet alone, one safetensors file with diffusers keys
+                                 ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``; ``from_pretrained``)
+``<out>/unet.safetensors``       the UNet alone, one safetensors file with diffusers keys (SD3:
+                                 ``transformer.safetensors``)
 ``<out>/lora/pytorch_lora_weights.safetensors``   LoRA runs: ``pipe.load_lora_weights`` loads it
 ``<out>/model.safetensors``      ``format=single-file``: UNet, VAE and text encoder in the original (A1111/ComfyUI)
                                  layout; ``<out>/model-config/`` is the local config ``from_single_file`` reads
@@ -128,6 +129,9 @@ def export_model(
 
     if base.vae is None:
         raise UserError("export: the model has no VAE, so no pipeline can be written")
+    if format != "diffusers" and not family.single_file:  # also checked before training (methods.common)
+        raise UserError(f"export.format: single files are written for SD-1.x, SD-2.x and SDXL models; {base.source} "
+                        f"is a {family.name} model: use export.format=diffusers")
     if format != "diffusers" and is_lora and not merge_lora:
         raise UserError("export.format: a single file holds the merged model; set export.merge_lora=true")
     torch_dtype = DTYPES[dtype]
@@ -137,11 +141,12 @@ def export_model(
         if is_lora:
             path = os.path.join(out_dir, "lora")
             with atomic_path(path) as tmp:
+                name = family.denoiser_name  # unet_lora_layers=..., or transformer_lora_layers=... (SD3)
                 family.pipeline_class().save_lora_weights(
                     tmp,
-                    unet_lora_layers={k: v.to(torch_dtype) for k, v in lora_state_dict(unet).items()},
                     safe_serialization=True,
-                    unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+                    **{f"{name}_lora_layers": {k: v.to(torch_dtype) for k, v in lora_state_dict(unet).items()},
+                       f"{name}_lora_adapter_metadata": unet.peft_config["default"].to_dict()},
                 )
             written["lora"] = path
         full_unet = (merged_unet(unet) if is_lora else unet) if (merge_lora or not is_lora) else None
@@ -162,13 +167,15 @@ def export_model(
 
             with atomic_path(path) as tmp:
                 parts = dataclasses.replace(base, vae=cast(base.vae), text_encoder=cast(base.text_encoder),
-                                            text_encoder_2=cast(base.text_encoder_2), unet=cast(full_unet))
+                                            text_encoder_2=cast(base.text_encoder_2),
+                                            text_encoder_3=cast(base.text_encoder_3), unet=cast(full_unet))
                 family.pipeline(parts).save_pretrained(tmp, safe_serialization=True)
             written["pipeline"] = path
-            path = os.path.join(out_dir, "unet.safetensors")
+            # unet.safetensors; SD3: transformer.safetensors (its pipeline's name for the denoiser)
+            path = os.path.join(out_dir, f"{family.denoiser_name}.safetensors")
             with atomic_path(path) as tmp:
                 save_file(_state_dict(full_unet, torch_dtype), tmp, metadata={"format": "pt", "keys": "diffusers"})
-            written["unet"] = path
+            written[family.denoiser_name] = path
         path = os.path.join(out_dir, "config.yaml")
         write_text(path, config_yaml)
         written["config"] = path

@@ -7,7 +7,9 @@ classifier-free guidance here; SLD and others plug in the same way, and all of a
 one batched forward pass. The branches are the model family's denoiser outputs (epsilon, or v for a v-prediction
 model); a guidance combines epsilon (SLD's and SEGA's thresholds are in epsilon), so a v model's outputs are
 converted to epsilon and back around ``combine``, except for a guidance that declares ``affine = True`` (plain
-CFG: weights summing to one commute with the conversion, so it combines v as diffusers' pipelines do). A
+CFG: weights summing to one commute with the conversion, so it combines v as diffusers' pipelines do). A flow
+model (SD3) runs only affine guidance: at its first step (sigma = 1) epsilon is the latent itself and carries no
+prediction, so SLD, SEGA and SAFREE refuse it in one line. A
 guidance that changes the text conditioning from step to step or hooks into the UNet (SAFREE) adds one optional
 method, ``open_batch``; the others need nothing of it.
 """
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdd.errors import UserError
 from sdd.models import SDComponents
 from sdd.sampling import classifier_free_guidance
 
@@ -132,6 +135,10 @@ def generate(
     family = model.family
     prediction = model.prediction
     convert = prediction.kind != "epsilon" and not getattr(guidance, "affine", False)
+    if convert and prediction.kind == "flow":
+        raise UserError(f"generation: {type(guidance).__name__} combines the branches in epsilon, and {model.source} "
+                        "is a flow-matching model (SD3), whose prediction cannot be recovered from epsilon at "
+                        "sigma = 1; only plain classifier-free guidance (methods sd, neg) runs on it")
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     extra = guidance.extra_prompts()
@@ -161,7 +168,8 @@ def generate(
         scheduler = model.scheduler.__class__.from_config(model.scheduler.config)  # fresh state per batch
         scheduler.set_timesteps(num_inference_steps, device=device)
         shape = (model.latent_channels, height // f, width // f)
-        latents = torch.cat([initial_latent(r.seed, shape, scheduler.init_noise_sigma) for r in chunk])
+        sigma_max = getattr(scheduler, "init_noise_sigma", 1.0)  # a flow-matching scheduler starts at 1
+        latents = torch.cat([initial_latent(r.seed, shape, sigma_max) for r in chunk])
         latents = latents.to(device=device, dtype=dtype)
         branches = [embed([r.negative_prompt for r in chunk]), embed([r.prompt for r in chunk])]
         branches += [embed([text] * n) for text in extra]
@@ -173,7 +181,8 @@ def generate(
         try:
             for step, t in enumerate(scheduler.timesteps):
                 step_context = context if batch is None else batch.context(step)
-                model_in = scheduler.scale_model_input(latents, t)
+                scale_input = getattr(scheduler, "scale_model_input", None)  # flow matching: none
+                model_in = latents if scale_input is None else scale_input(latents, t)
                 out = family.denoise(unet, model_in.repeat(step_context.shape[0] // n, 1, 1, 1), t, step_context)
                 parts = list(out.split(n))
                 if convert:  # v -> epsilon, combined, -> v for the model's own scheduler
@@ -188,7 +197,8 @@ def generate(
         if output_type == "latent":
             result = list(latents)
         else:
-            images = vae.decode(latents / vae.config.scaling_factor).sample
+            shift = vae.config.get("shift_factor") or 0.0  # SD3's VAE: latents = (x - shift) * scale
+            images = vae.decode(latents / vae.config.scaling_factor + shift).sample
             result = to_pil(images) if output_type == "pil" else list(images.float().cpu())
         outputs.extend(result)
         if on_batch is not None:

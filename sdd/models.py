@@ -1,6 +1,6 @@
 """Stable Diffusion components: loaded from a diffusers folder / hub id / single file, or built tiny in code
-(``tiny``: SD-1.x, ``tiny-sd2v``: SD-2.x with v-prediction, ``tiny-sdxl``: SDXL), or built full size with random
-weights for speed and memory measurements (``sd15-random``: SD-1.5, ``sdxl-random``: SDXL base 1.0).
+(``tiny``: SD-1.x, ``tiny-sd2v``: SD-2.x with v-prediction, ``tiny-sdxl``: SDXL, ``tiny-sd3``: SD3), or built full
+size with random weights for speed and memory measurements (``sd15-random``: SD-1.5, ``sdxl-random``: SDXL base 1.0).
 
 Only safetensors are ever loaded (``use_safetensors=True``); pickled ``.bin``/``.ckpt`` weights are refused.
 """
@@ -23,21 +23,23 @@ from sdd.single_file import PICKLE_SUFFIXES, load_single_file
 TOKENIZER_DIR = str(resources.files("sdd") / "assets" / "clip-tokenizer")
 SHAPES_MODEL_DIR = str(resources.files("sdd") / "assets" / "shapes-base")
 # names model.pretrained builds or ships
-BUILT_IN_MODELS = ("tiny", "tiny-sd2v", "tiny-sdxl", "shapes", "sd15-random", "sdxl-random")
+BUILT_IN_MODELS = ("tiny", "tiny-sd2v", "tiny-sdxl", "tiny-sd3", "shapes", "sd15-random", "sdxl-random")
 
 
 @dataclass
 class SDComponents:
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel  # the denoiser: SD3's SD3Transformer2DModel (its pipeline's "transformer")
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
-    scheduler: object  # the model's own scheduler (kept for export); training builds a DDIMScheduler from it
+    scheduler: object  # the model's own (kept for export); training samples on a DDIM grid from it (flow: its own grid)
     vae: Optional[AutoencoderKL]
     source: str  # what `model.pretrained` named
     family_name: str = "sd"  # its model family (sdd.families): how to encode, call the denoiser, export
     text_encoder_2: Optional[torch.nn.Module] = None  # SDXL's second text encoder (with projection)
     tokenizer_2: Optional[CLIPTokenizer] = None
     force_zeros_for_empty_prompt: bool = True  # SDXL: the empty prompt's conditioning is zeros (model_index.json)
+    text_encoder_3: Optional[torch.nn.Module] = None  # SD3's T5 encoder
+    tokenizer_3: Optional[object] = None
 
     @property
     def family(self):
@@ -74,8 +76,8 @@ class SDComponents:
 
     @property
     def text_encoders(self) -> list:
-        """The model's text encoders (one for SD-1.x/2.x, two for SDXL)."""
-        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        """The model's text encoders (one for SD-1.x/2.x, two for SDXL, three for SD3)."""
+        return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
 
 
 def load_tokenizer(path: str = TOKENIZER_DIR) -> CLIPTokenizer:
@@ -186,6 +188,60 @@ def build_tiny_sdxl(seed: int = 0, sample_size: int = 16) -> SDComponents:
     return SDComponents(unet, text_encoder, load_tokenizer(), scheduler, vae, source="tiny-sdxl", family_name="sdxl",
                         text_encoder_2=text_encoder_2,
                         tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"))
+
+
+def tiny_t5_tokenizer():
+    """A T5 tokenizer built in code, offline: transformers' own ``T5Tokenizer`` (a sentencepiece-style Unigram
+    model, "▁" for spaces, ``</s>`` appended, pad 0, eos 1, unk 2) over one piece per printable ASCII character,
+    so every prompt has its own ids (a word-level table would map most concept words to unk)."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(ch, -3.0) for ch in string.printable if not ch.isspace()]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+# stabilityai/stable-diffusion-3-medium-diffusers' scheduler: flow matching with a static shift of 3
+SD3_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+
+def build_tiny_sd3(seed: int = 0, sample_size: int = 16) -> SDComponents:
+    """A randomly initialised SD3-shaped model (diffusers' fast-test sizes, docs/METHODS.md section 10.5, with
+    three changes): an ``SD3Transformer2DModel`` of two blocks (the last is ``context_pre_only``, so one block
+    also has a text stream that feeds the next), two CLIP text encoders with projections, the second wider (48,
+    as G is wider than L), and a T5 encoder 96 wide: the CLIP concat (80) is zero-padded to T5's width rather than
+    cut, and the pooled embedding (80) fits one conditioning row. The VAE has SD3's shift and scaling factors and
+    two blocks, so latents are half the image size as in the other tiny models (32 px images). SD3-medium's
+    scheduler (flow matching, shift 3). Deterministic for a seed."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=sample_size, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+            attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+            joint_attention_dim=96,  # = T5's d_model
+            pooled_projection_dim=32 + 48,  # the two CLIP projections, concatenated
+        )
+        vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4, 8), latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            layers_per_block=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.0609, scaling_factor=1.5035, sample_size=sample_size * 2)
+        text_encoder = CLIPTextModelWithProjection(tiny_text_config(hidden_act="gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            tiny_text_config(hidden_act="gelu", pad_token_id=0, hidden_size=48, projection_dim=48))
+        text_encoder_3 = T5EncoderModel(T5Config(d_ff=37, d_kv=8, d_model=96, num_layers=2, num_heads=4,
+                                                 relative_attention_num_buckets=8, vocab_size=1103))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG)
+    for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
+        module.eval()
+    return SDComponents(transformer, text_encoder, load_tokenizer(), scheduler, vae, source="tiny-sd3",
+                        family_name="sd3", text_encoder_2=text_encoder_2,
+                        tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"),
+                        text_encoder_3=text_encoder_3, tokenizer_3=tiny_t5_tokenizer())
 
 
 def build_sd15_random(seed: int = 0) -> SDComponents:
@@ -299,16 +355,19 @@ def _describe(err: Exception) -> str:
 
 def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae: bool = True,
                     single_file_config: Optional[str] = None) -> SDComponents:
-    """Components of an SD-1.x/2.x or SDXL model: ``'tiny'``, ``'tiny-sd2v'``, ``'tiny-sdxl'``, ``'shapes'``,
-    ``'sd15-random'``, ``'sdxl-random'``, a diffusers folder (SDXL: with ``text_encoder_2/`` and ``tokenizer_2/``), a
-    hub id (``owner/name``), or a single-file ``.safetensors`` checkpoint in the original layout (``sdd.single_file``;
-    its config from ``single_file_config``, the file, or the family its keys show)."""
+    """Components of an SD-1.x/2.x, SDXL or SD3 model: ``'tiny'``, ``'tiny-sd2v'``, ``'tiny-sdxl'``, ``'tiny-sd3'``,
+    ``'shapes'``, ``'sd15-random'``, ``'sdxl-random'``, a diffusers folder (SDXL: with ``text_encoder_2/`` and
+    ``tokenizer_2/``; SD3: ``transformer/``, ``text_encoder_3/`` and ``tokenizer_3/``), a hub id (``owner/name``),
+    or a single-file ``.safetensors`` checkpoint in the original layout (``sdd.single_file``; its config from
+    ``single_file_config``, the file, or the family its keys show)."""
     if pretrained == "tiny":
         return build_tiny_sd()
     if pretrained == "tiny-sd2v":
         return build_tiny_sd2v()
     if pretrained == "tiny-sdxl":
         return build_tiny_sdxl()
+    if pretrained == "tiny-sd3":
+        return build_tiny_sd3()
     if pretrained == "sd15-random":
         return build_sd15_random()
     if pretrained == "sdxl-random":
@@ -329,7 +388,15 @@ def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae
             f"model.pretrained: unknown model '{pretrained}' (built in: {', '.join(BUILT_IN_MODELS)}; "
             "or a diffusers model folder or a hub id owner/name)"
         )
-    if is_local:
+    if is_local and _is_sd3_folder(pretrained):
+        subs = ["transformer", "scheduler"] + [f"{kind}{n}" for n in ("", "_2", "_3")
+                                               for kind in ("text_encoder", "tokenizer")]
+        for sub in subs + (["vae"] if with_vae else []):
+            if not os.path.isdir(os.path.join(pretrained, sub)):
+                raise UserError(f"model.pretrained: {pretrained} is an SD3 folder without '{sub}/'")
+        _refuse_pickles(pretrained, ["transformer", "text_encoder", "text_encoder_2", "text_encoder_3"]
+                        + (["vae"] if with_vae else []))
+    elif is_local:
         for sub in ("unet", "text_encoder", "tokenizer", "scheduler") + (("vae",) if with_vae else ()):
             if not os.path.isdir(os.path.join(pretrained, sub)):
                 raise UserError(
@@ -363,10 +430,39 @@ def _is_sdxl_folder(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "text_encoder_2"))
 
 
+def _is_sd3_folder(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "transformer")) or os.path.isdir(os.path.join(path, "text_encoder_3"))
+
+
+def _load_sd3(pretrained: str, kwargs: dict, with_vae: bool) -> SDComponents:
+    """An SD3 folder or hub id, by the components of ``StableDiffusion3Pipeline`` (T5 included)."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel, T5TokenizerFast
+
+    def encoder(cls, sub):
+        return cls.from_pretrained(pretrained, subfolder=sub, use_safetensors=True, **kwargs).eval()
+
+    transformer = SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer", use_safetensors=True,
+                                                        **kwargs).eval()
+    vae = (AutoencoderKL.from_pretrained(pretrained, subfolder="vae", use_safetensors=True, **kwargs).eval()
+           if with_vae else None)
+    return SDComponents(
+        transformer, encoder(CLIPTextModelWithProjection, "text_encoder"),
+        CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs), _load_scheduler(pretrained, kwargs),
+        vae, source=pretrained, family_name="sd3",
+        text_encoder_2=encoder(CLIPTextModelWithProjection, "text_encoder_2"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kwargs),
+        text_encoder_3=encoder(T5EncoderModel, "text_encoder_3"),
+        tokenizer_3=T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_3", **kwargs),
+    )
+
+
 def _load(pretrained: str, kwargs: dict, is_local: bool, with_vae: bool) -> SDComponents:
     xl = {}
     try:
         index = _model_index(pretrained, kwargs)
+        if index.get("_class_name") == "StableDiffusion3Pipeline" or (is_local and _is_sd3_folder(pretrained)):
+            return _load_sd3(pretrained, kwargs, with_vae)
         unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", use_safetensors=True, **kwargs)
         text_encoder = CLIPTextModel.from_pretrained(
             pretrained, subfolder="text_encoder", use_safetensors=True, **kwargs

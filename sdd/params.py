@@ -9,7 +9,9 @@ Names follow diffusers' UNet2DConditionModel (cross-attention = ``attn2``, self-
 - ``lora``: low-rank adapters (PEFT) on ``lora.target_modules``; the base weights stay frozen.
 
 These are SD-1.x/2.x's sets; a model family names its own (``sdd.families``: SDXL's ``noxattn`` also leaves out
-``add_embedding``, the pooled-text and size pathway added to the time embedding) and the methods pass them in.
+``add_embedding``, the pooled-text and size pathway added to the time embedding; SD3's are its MMDiT's, see
+``sdd.families.sd3``) and the methods pass the family in, which also says what ``lora.target_modules`` names on
+its model.
 """
 
 from __future__ import annotations
@@ -31,22 +33,29 @@ SELECTORS: dict[str, Callable[[str], bool]] = {
 
 
 def configure_trainable(unet: nn.Module, finetune: FinetuneSet, lora: LoraConfig | None = None,
-                        parameter_sets: Mapping[str, Callable[[str], bool]] = SELECTORS) -> list[str]:
-    """Freeze ``unet`` except the chosen set of ``parameter_sets`` (the model family's; adding LoRA adapters for
-    ``lora``); return the trainable names."""
+                        family=None) -> list[str]:
+    """Freeze ``unet`` except the chosen set of the model ``family``'s parameter sets (default: SD's ``SELECTORS``;
+    adding LoRA adapters for ``lora``, on the modules ``family.lora_targets`` names); return the trainable names."""
+    parameter_sets: Mapping[str, Callable[[str], bool]] = SELECTORS if family is None else family.parameter_sets
     unet.requires_grad_(False)
     if finetune == "lora":
         from peft import LoraConfig as PeftLoraConfig
 
         lora = lora or LoraConfig()
-        unet.add_adapter(
-            PeftLoraConfig(
-                r=lora.rank,
-                lora_alpha=lora.alpha,
-                init_lora_weights="gaussian",
-                target_modules=list(lora.target_modules),
-            )
-        )  # adds the adapter with requires_grad=True on the LoRA weights only
+        targets = list(lora.target_modules) if family is None else family.lora_targets(lora.target_modules)
+        try:
+            unet.add_adapter(
+                PeftLoraConfig(
+                    r=lora.rank,
+                    lora_alpha=lora.alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=targets,
+                )
+            )  # adds the adapter with requires_grad=True on the LoRA weights only
+        except ValueError as err:
+            if "not found in the base model" not in str(err):
+                raise
+            raise ConfigError(f"config error: lora.target_modules {targets} names no module of this model") from None
     else:
         select = parameter_sets[finetune]
         for name, param in unet.named_parameters():

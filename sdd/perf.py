@@ -39,10 +39,18 @@ class PerfConfig:
 
 
 def apply_to_unet(unet: nn.Module, perf: PerfConfig, training: bool) -> nn.Module:
-    """Attention kernel, memory format, checkpointing and compilation of one UNet (in place)."""
+    """Attention kernel, memory format, checkpointing and compilation of one UNet (in place). An SD3 transformer
+    keeps its joint-attention processor (torch's sdpa); there is no classic one for it."""
+    from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    unet.set_attn_processor(AttnProcessor2_0() if perf.attention == "sdpa" else AttnProcessor())
+    if isinstance(unet, UNet2DConditionModel):
+        unet.set_attn_processor(AttnProcessor2_0() if perf.attention == "sdpa" else AttnProcessor())
+    elif perf.attention != "sdpa":
+        from sdd.errors import UserError
+
+        raise UserError(f"perf.attention={perf.attention}: the classic attention processor is a UNet's; "
+                        f"{type(unet).__name__} runs its own (sdpa)")
     if perf.channels_last:
         unet.to(memory_format=torch.channels_last)
     if training and perf.gradient_checkpointing:

@@ -2,6 +2,9 @@
 
 ``sample_to_k`` runs classifier-free-guided DDIM from pure noise for exactly ``k`` steps per latent and returns
 the latents together with the timestep they now sit at, which is the timestep the student must be queried at.
+On a flow-matching model (SD3: ``FlowMatchEulerDiscreteScheduler``, x_s = (1 - s) x0 + s eps, the output
+v = eps - x0) the same sampler takes Euler steps z + (s_{i+1} - s_i) v on the scheduler's ``sigmas`` instead
+(``grid_step``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,26 @@ def ddim_step(scheduler, eps: torch.Tensor, t: int, z: torch.Tensor) -> torch.Te
     return scheduler.step(eps, t, z, eta=0.0).prev_sample
 
 
+def is_flow_matching(scheduler) -> bool:
+    """Whether ``scheduler`` is a flow-matching one (SD3's): x_s = (1 - s) x0 + s eps, the model predicts
+    v = eps - x0, and ``timesteps`` are ``sigmas * num_train_timesteps``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def grid_step(scheduler, output: torch.Tensor, i: int, z: torch.Tensor) -> torch.Tensor:
+    """One deterministic step from grid point ``i`` to ``i + 1`` of ``scheduler``'s grid: DDIM (eta = 0), or on a
+    flow-matching grid the Euler step z + (sigmas[i + 1] - sigmas[i]) v, in fp32 as
+    ``FlowMatchEulerDiscreteScheduler.step`` computes it. That scheduler's own ``step`` keeps a step counter,
+    which a sampler whose batches stop at different steps, and is called again from the top, would put out of
+    step; the index here is explicit."""
+    if is_flow_matching(scheduler):
+        sigmas = scheduler.sigmas.to(z.device)
+        return (z.to(torch.float32) + (sigmas[i + 1] - sigmas[i]) * output).to(output.dtype)
+    return ddim_step(scheduler, output, scheduler.timesteps[i], z)
+
+
 def unet_denoise(unet, z, t, c):
     """The SD-1.x/2.x denoiser call (``sdd.families.sd``)."""
     return unet(z, t, encoder_hidden_states=c).sample
@@ -57,8 +80,8 @@ def sample_to_k(
 
     Args:
         unet: the sampling model (SDD: the EMA teacher; ESD: the model being trained).
-        scheduler: a DDIM scheduler on which ``set_timesteps(K)`` was called; its grid is
-            ``scheduler.timesteps`` (noisiest first).
+        scheduler: a DDIM scheduler (a flow-matching one for a flow model, ``grid_step``) on which
+            ``set_timesteps(K)`` was called; its grid is ``scheduler.timesteps`` (noisiest first).
         z_T: (B, C, H, W) initial noise.
         c_cond, c_uncond: (B or 1, L, D) text embeddings of the guiding and the empty prompt.
         guidance_scale: s_g.
@@ -67,8 +90,9 @@ def sample_to_k(
             Or (B, R): trajectory ``b`` runs to ``max_r k[b, r]`` and yields its latent after each ``k[b, r]``
             steps, R latents from one trajectory (the B * R latents in order b, r).
         denoise: ``denoise(unet, z, t, c)``, the family's denoiser call (``sdd.families``); default SD's
-            ``unet(z, t, encoder_hidden_states=c).sample``. Its output (epsilon or v) is combined as it is (CFG
-            commutes with the conversion) and stepped by ``scheduler``, which reads the model's prediction type.
+            ``unet(z, t, encoder_hidden_states=c).sample``. Its output (epsilon, v, or a flow model's v) is
+            combined as it is (CFG commutes with the conversion) and stepped by ``grid_step``: DDIM reads the
+            model's prediction type; a flow grid's Euler step takes the flow v.
 
     Returns:
         ``(z_t, t)``: the latents and, for each, the grid timestep ``scheduler.timesteps[k[b]]`` at which it sits.
@@ -105,7 +129,7 @@ def sample_to_k(
         )
         eps_uncond, eps_cond = eps[:n], eps[n:]
         guided = classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)
-        z_new = ddim_step(scheduler, guided.to(z_a.dtype), t, z_a)
+        z_new = grid_step(scheduler, guided.to(z_a.dtype), i, z_a)
         z = z.index_copy(0, active, z_new.to(z.dtype))
     t_k = timesteps[ks.flatten()].to(z.device)
     return out.flatten(0, 1), t_k

@@ -50,7 +50,7 @@ def test_tiny_sd2v_is_sd2_shaped_deterministic_and_predicts_v(sd2v):
     assert sd2v.default_resolution == 32 and load_components("tiny-sd2v").source == "tiny-sd2v"
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "sd2"])
+@pytest.mark.parametrize("name", ["tiny-flux", "sd2"])
 def test_an_unknown_model_name_is_one_clear_error(name):
     with pytest.raises(UserError) as err:
         load_components(name)

@@ -95,16 +95,17 @@ def _targets(target: Target, cases: list[dict], folder: str) -> tuple[list[str],
 
 
 def attack(target: Target, cfg, out: str, points: list[int], progress) -> dict:
-    from sdd.methods.common import encode_images, load_base
+    from sdd.methods.common import encode_images, load_base, require_family
     from sdd.methods.inference import generate_with_method
     from sdd.textual_inversion import add_tokens, substituted_embeddings
 
+    components = load_base(target.model, None, "cpu")
+    require_family(components, "prompt search")  # one text encoder's tokens, the UNet's denoising loss
     s: PromptSearchSettings = cfg.prompt_search
     budget = points[-1]
     k = s.tokens or (5 if is_nudity(target.concept) else 3)
     cases = cases_of(target, s)
     target_files, _ = _targets(target, cases, os.path.join(out, "targets"))
-    components = load_base(target.model, None, "cpu")
     components.unet.requires_grad_(False)
     tokenizer, text_encoder = components.tokenizer, components.text_encoder
     vocab_ids, vocab = distinct_vocabulary(text_encoder)

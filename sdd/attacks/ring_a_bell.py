@@ -130,10 +130,11 @@ def search(text_encoder, target_hidden: torch.Tensor, vocab_ids: list[int], s: R
 
 
 def attack(target: Target, cfg, out: str, points: list[int], progress) -> dict:
-    from sdd.methods.common import embed, load_base
+    from sdd.methods.common import embed, load_base, require_family
 
     s: RingABellSettings = cfg.ring_a_bell
     components = load_base(target.model, None, "cpu")
+    require_family(components, "Ring-a-Bell")  # it searches one text encoder's hidden states
     text_encoder, tokenizer = components.text_encoder, components.tokenizer
     pairs = concept_pairs(target)
     vector = (embed(components, [p for p, _ in pairs]) - embed(components, [q for _, q in pairs])).mean(0).float()

@@ -8,7 +8,8 @@ the model (its scheduler's ``prediction_type``), and :class:`Prediction` turns a
 
 ``sd`` (:mod:`sdd.families.sd`) serves SD-1.x (epsilon) and SD-2.x (epsilon or v-prediction): the same UNet call
 and pipeline class, the text encoder's depth and activation being config. ``sdxl`` (:mod:`sdd.families.sdxl`):
-two text encoders, pooled embeddings and time ids. See docs/METHODS.md section 10.
+two text encoders, pooled embeddings and time ids. ``sd3`` (:mod:`sdd.families.sd3`): an MMDiT transformer in the
+``unet`` slot, three text encoders, flow matching (``Prediction`` kind ``flow``). See docs/METHODS.md section 10.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from sdd.errors import UserError
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # a VP model's scheduler.config.prediction_type; "flow": SD3
 
 
 class ModelFamily(Protocol):
@@ -28,6 +29,12 @@ class ModelFamily(Protocol):
 
     name: str
     parameter_sets: Mapping[str, Callable[[str], bool]]  # finetune name -> does it train this parameter
+    denoiser_name: str  # what the denoiser is called in its pipeline ("unet", "transformer"): export file names
+    single_file: bool  # whether export.format=single-file (the original layout) is written for the family
+
+    def lora_targets(self, target_modules: Sequence[str]) -> list[str]:
+        """The modules ``lora.target_modules`` names on this family (the default mirrors ``xattn``)."""
+        ...
 
     def encode(self, components, prompts: Sequence[str], device=None) -> torch.Tensor:
         """The conditioning of ``prompts`` (one row per prompt), as the family's pipeline computes it."""
@@ -55,10 +62,19 @@ class Prediction:
 
     For ``epsilon`` the conversion to epsilon is the identity (the very tensor comes back), so an epsilon model's
     numbers never pass through it.
+
+    ``flow`` (SD3, flow matching): x_s = (1 - s) x0 + s eps with s = t / ``num_train_timesteps`` (the scheduler's
+    timesteps are sigmas times that), and the output is v = eps - x0:
+
+        eps = x_s + (1 - s) v           x0 = x_s - s v
+
+    At s = 1 (the first step of every flow sampler) eps is x_s itself and v cannot be recovered from it, so
+    nothing combines a flow model's predictions in epsilon (generation refuses a guidance that would).
     """
 
-    kind: str  # "epsilon" or "v_prediction"
+    kind: str  # "epsilon", "v_prediction" or "flow"
     alphas_cumprod: Optional[torch.Tensor]  # (T,) of the model's training schedule (None: a scheduler without one)
+    num_train_timesteps: int = 1000  # flow: t = s * num_train_timesteps
 
     def coefficients(self, t, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a_t, s_t) shaped to broadcast over ``like`` (B, ...); ``t`` a number or a (B,) tensor. A fractional
@@ -77,9 +93,16 @@ class Prediction:
         shape = (-1,) + (1,) * (like.ndim - 1)
         return (a.to(like.device, like.dtype).reshape(shape), s.to(like.device, like.dtype).reshape(shape))
 
+    def sigma(self, t, like: torch.Tensor) -> torch.Tensor:
+        """Flow: s = t / num_train_timesteps, shaped to broadcast over ``like``."""
+        s = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu() / self.num_train_timesteps
+        return s.to(like.device, like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
+
     def to_epsilon(self, output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         if self.kind == "epsilon":
             return output
+        if self.kind == "flow":
+            return x_t + (1 - self.sigma(t, output)) * output
         a, s = self.coefficients(t, output)
         return s * x_t + a * output
 
@@ -87,10 +110,14 @@ class Prediction:
         """The output that predicts ``eps`` (the inverse of :meth:`to_epsilon`)."""
         if self.kind == "epsilon":
             return eps
+        if self.kind == "flow":
+            return (eps - x_t) / (1 - self.sigma(t, eps))
         a, s = self.coefficients(t, eps)
         return (eps - s * x_t) / a
 
     def to_x0(self, output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        if self.kind == "flow":
+            return x_t - self.sigma(t, output) * output
         a, s = self.coefficients(t, output)
         if self.kind == "epsilon":
             return (x_t - s * output) / a
@@ -98,7 +125,12 @@ class Prediction:
 
 
 def prediction_of(scheduler) -> Prediction:
-    """The :class:`Prediction` of a model from its scheduler (``prediction_type``, ``alphas_cumprod``)."""
+    """The :class:`Prediction` of a model from its scheduler (``prediction_type``, ``alphas_cumprod``; a
+    flow-matching scheduler: ``flow``)."""
+    from sdd.sampling import is_flow_matching
+
+    if is_flow_matching(scheduler):
+        return Prediction("flow", None, scheduler.config.num_train_timesteps)
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind not in PREDICTION_TYPES:
         raise UserError(f"model: prediction_type '{kind}' is not supported (supported: {', '.join(PREDICTION_TYPES)})")
@@ -107,13 +139,19 @@ def prediction_of(scheduler) -> Prediction:
 
 def family(name: str, components=None) -> ModelFamily:
     """The family called ``name`` (for ``sdxl``, bound to ``components``: its VAE factor gives the time ids, its
-    ``force_zeros_for_empty_prompt`` the empty prompt's conditioning)."""
-    from sdd.families import sd, sdxl
+    ``force_zeros_for_empty_prompt`` the empty prompt's conditioning; for ``sd3``, to its transformer's depth (the
+    last block reads no text for the image) and pooled width)."""
+    from sdd.families import sd, sd3, sdxl
 
     if name == sd.FAMILY.name:
         return sd.FAMILY
+    if name == sd3.StableDiffusion3.name:
+        if components is None:
+            return sd3.StableDiffusion3()
+        config = components.unet.config
+        return sd3.StableDiffusion3(config.num_layers, config.pooled_projection_dim)
     if name == sdxl.StableDiffusionXL.name:
         if components is None:
             return sdxl.StableDiffusionXL()
         return sdxl.StableDiffusionXL(components.vae_scale_factor, components.force_zeros_for_empty_prompt)
-    raise UserError(f"model: unknown model family '{name}' (known: sd, sdxl)")
+    raise UserError(f"model: unknown model family '{name}' (known: sd, sdxl, sd3)")

@@ -20,6 +20,11 @@ from sdd.sampling import encode_prompts, unet_denoise
 class StableDiffusion:
     name = "sd"
     parameter_sets = SELECTORS
+    denoiser_name = "unet"
+    single_file = True
+
+    def lora_targets(self, target_modules: Sequence[str]) -> list[str]:
+        return list(target_modules)
 
     def encode(self, components, prompts: Sequence[str], device=None) -> torch.Tensor:
         return encode_prompts(components.tokenizer, components.text_encoder, prompts, device)

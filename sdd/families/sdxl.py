@@ -26,6 +26,8 @@ PARAMETER_SETS = {**SELECTORS, "noxattn": lambda name: SELECTORS["noxattn"](name
 class StableDiffusionXL:
     name = "sdxl"
     parameter_sets = PARAMETER_SETS
+    denoiser_name = "unet"
+    single_file = True
 
     def __init__(self, vae_scale_factor: int = 8, force_zeros_for_empty_prompt: bool = True):
         self.vae_scale_factor = vae_scale_factor
@@ -53,6 +55,9 @@ class StableDiffusionXL:
             empty = torch.tensor([p == "" for p in prompts], device=conditioning.device)
             conditioning[empty] = 0
         return conditioning
+
+    def lora_targets(self, target_modules: Sequence[str]) -> list[str]:
+        return list(target_modules)
 
     def denoise(self, unet, z: torch.Tensor, t, conditioning: torch.Tensor) -> torch.Tensor:
         time_dim = unet.config.addition_time_embed_dim

@@ -62,8 +62,8 @@ def load_base(pretrained: str, revision: str | None, device, learned_embeds: str
         if base.text_encoder_2 is not None:
             from sdd.errors import UserError
 
-            raise UserError("learned_embeds: a learned token goes into one text encoder; models with two (SDXL) "
-                            "are not supported yet")
+            raise UserError("learned_embeds: a learned token goes into one text encoder; models with two or three "
+                            "(SDXL, SD3) are not supported yet")
 
         load_learned_embeds(base, learned_embeds)
     for encoder in base.text_encoders:
@@ -75,7 +75,8 @@ def load_base(pretrained: str, revision: str | None, device, learned_embeds: str
 
 def require_family(base: SDComponents, method: str, epsilon_only: bool = False) -> None:
     """One line, before anything is trained, for a method that does not run on the model's family yet (every
-    method but SDD and ESD: the SD family only; ``epsilon_only``: its loss reads the UNet's output as epsilon)."""
+    method but SDD and ESD: the SD family only, so SDXL and SD3 are refused; ``epsilon_only``: its loss reads the
+    UNet's output as epsilon)."""
     from sdd.errors import UserError
     from sdd.families import prediction_of
 
@@ -88,10 +89,28 @@ def require_family(base: SDComponents, method: str, epsilon_only: bool = False) 
                         "(SDD and ESD run on it)")
 
 
+def require_export(base: SDComponents, export: ExportConfig) -> None:
+    """One line before anything is trained for an export the model's family cannot write (the same check
+    ``export_model`` makes when ``sdd-export`` runs): SD3 has no single-file layout here."""
+    if export.format != "diffusers" and not base.family.single_file:
+        from sdd.errors import UserError
+
+        raise UserError(f"export.format: single files are written for SD-1.x, SD-2.x and SDXL models; {base.source} "
+                        f"is a {base.family.name} model: use export.format=diffusers")
+
+
 def ddim_grid(base: SDComponents, steps: int):
-    """A DDIM scheduler on the model's noise schedule with ``steps`` grid points (noisiest first)."""
+    """A DDIM scheduler on the model's noise schedule with ``steps`` grid points (noisiest first); for a
+    flow-matching model (SD3) its own flow-matching scheduler's grid (``sdd.sampling.grid_step`` takes the Euler
+    steps on its sigmas)."""
     from diffusers import DDIMScheduler
 
+    from sdd.sampling import is_flow_matching
+
+    if is_flow_matching(base.scheduler):
+        scheduler = base.scheduler.__class__.from_config(base.scheduler.config)
+        scheduler.set_timesteps(steps)
+        return scheduler
     scheduler = DDIMScheduler.from_config(base.scheduler.config)
     scheduler.set_timesteps(steps)
     return scheduler

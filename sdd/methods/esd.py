@@ -85,10 +85,11 @@ class ESDMethod:
         self.process_index, self.num_processes = process_index, num_processes
         self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
                                      single_file_config=cfg.model.single_file_config)
+        common.require_export(self.base, cfg.export)
         self.model = self.base.unet
         self.denoise = self.base.family.denoise  # one denoiser call of the model's family (sdd.families)
         finetune = FINETUNE_SETS.get(cfg.finetune, cfg.finetune)
-        self.trainable_names = configure_trainable(self.model, finetune, cfg.lora, self.base.family.parameter_sets)
+        self.trainable_names = configure_trainable(self.model, finetune, cfg.lora, self.base.family)
         self.model.train()
         # taken before any step, so it is the original model (LoRA adapters start as the identity)
         self.frozen = frozen_copy(self.model, common.share_frozen(cfg.perf))

@@ -53,7 +53,8 @@ from sdd.sampling import concept_indices, sample_k, sample_to_k
 
 def sdd_loss(eps_concept: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
     """mean over elements of (eps(z_t, c_s, t) - sg(eps(z_t, emptyset, t)))^2, in fp32. On the model's own output:
-    v for a v-prediction model, alpha_bar_t times this in epsilon (docs/METHODS.md section 10)."""
+    v for a v-prediction model, alpha_bar_t times this in epsilon; a flow model's v (SD3), (1 - sigma)^2 times this
+    in epsilon (docs/METHODS.md section 10)."""
     return F.mse_loss(eps_concept.float(), eps_uncond.detach().float())
 
 
@@ -166,9 +167,10 @@ class SDDMethod:
         self.process_index, self.num_processes = process_index, num_processes
         self.base = common.load_base(cfg.model.pretrained, cfg.model.revision, device, cfg.learned_embeds,
                                      single_file_config=cfg.model.single_file_config)
+        common.require_export(self.base, cfg.export)
         self.model = self.base.unet
         self.denoise = self.base.family.denoise  # one denoiser call of the model's family (sdd.families)
-        self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora, self.base.family.parameter_sets)
+        self.trainable_names = configure_trainable(self.model, cfg.finetune, cfg.lora, self.base.family)
         self.model.train()
         self.teacher = frozen_copy(self.model, common.share_frozen(cfg.perf))
         # the model as it was, for the preservation term (shares the frozen tensors; costs the trainable ones)
@@ -339,8 +341,8 @@ class Adversary:
         import copy
 
         if base.text_encoder_2 is not None:
-            raise UserError("sdd.adversarial: the inner attack learns one text encoder's token embedding; "
-                            "models with two (SDXL) are not supported yet, set sdd.adversarial.every=0")
+            raise UserError("sdd.adversarial: the inner attack learns one text encoder's token embedding; models "
+                            "with two or three (SDXL, SD3) are not supported yet, set sdd.adversarial.every=0")
         self.base, self.settings = base, settings
         tokenizer = copy.deepcopy(base.tokenizer)  # the exported model's tokenizer never holds the token
         tokenizer.add_tokens(["<adversarial>"])
