@@ -144,8 +144,11 @@ def feedback_stages(model: str, concept: str, out: str, preset: str, noise: floa
     annotator = "auto@shapes-oracle"
     ranking = ["--m", str(RANKED_SET)] if feedback == "ranking" else []
     # a colour: the random tiny CLIP's embeddings suffice; a rule on colour and shape: the model's own UNet features
-    reward_cfg, embedder = ("shapes_red.yaml", []) if world.concept_kind(concept) != "rule" else (
-        f"shapes_{concept}.yaml", [f"embedder.model=unet:{model}"])
+    # and its own inversion recipe (configs/hfi/shapes_warning.yaml says how it was chosen)
+    rule = world.concept_kind(concept) == "rule"
+    reward_cfg, embedder = (f"shapes_{concept}.yaml", [f"embedder.model=unet:{model}"]) if rule else (
+        "shapes_red.yaml", [])
+    hfi_cfg = f"shapes_{concept}.yaml" if rule else "shapes_red.yaml"
     return [
         Stage("generate", [py, "-m", "sdd.cli.generate", "--model", model, "--prompts",
                            os.path.join(out, "prompts.csv"), "--images-per-prompt", str(p["images_per_prompt"]),
@@ -161,7 +164,7 @@ def feedback_stages(model: str, concept: str, out: str, preset: str, noise: floa
                          f"output_dir={d['reward']}", *embedder, *p["reward"]],
               os.path.join(d["reward"], "reward", "reward.json")),
         Stage("inversion", [py, os.path.join(train, "train_hfi.py"), "--config",
-                            os.path.join(cfg, "hfi", "shapes_red.yaml"), f"model.pretrained={model}",
+                            os.path.join(cfg, "hfi", hfi_cfg), f"model.pretrained={model}",
                             f"images={d['images']}", f"reward={d['reward']}", f"output_dir={d['hfi']}",
                             *hfi_overrides(concept), *p["hfi"]],
               os.path.join(d["hfi"], "learned_embeds.safetensors")),
@@ -473,12 +476,15 @@ NOISE_POINTS = 2.0  # a difference below this many points (of the 3-seed means) 
 
 def over_seeds(rows: Sequence[dict], base: dict) -> dict:
     """Per metric of ``rows`` (one per training seed, the bench's metrics): the mean, min and max of the rate, in
-    points (%); and ``collateral``: the mean drop (points) of the collateral groups against ``base``."""
+    points (%); and ``collateral``: per run the mean drop (points) of the collateral groups against ``base``, then
+    its mean, min and max over the runs."""
     out = {}
     for key in rows[0]["metrics"]:
         values = [100 * r["metrics"][key]["rate"] for r in rows]
         out[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "n": len(values)}
-    drops = [100 * (base[k]["rate"] - r["metrics"][k]["rate"]) for r in rows for k in COLLATERAL]
+    # one collateral per run (the mean drop of its groups), then the spread over runs, as for every other column
+    drops = [sum(100 * (base[k]["rate"] - r["metrics"][k]["rate"]) for k in COLLATERAL) / len(COLLATERAL)
+             for r in rows]
     out["collateral"] = {"mean": sum(drops) / len(drops), "min": min(drops), "max": max(drops), "n": len(rows)}
     return out
 

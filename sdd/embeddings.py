@@ -180,6 +180,9 @@ class UNetEmbedder(CachedEmbedder):
             raise UserError(f"embedder.embedding {cfg.embedding}: a UNet embeds as unet-mid (or auto), "
                             f"not as a CLIP does")
         components = load_components(cfg.model[len(UNET_PREFIX):])
+        if getattr(components.unet, "mid_block", None) is None or components.family.name == "sd3":
+            raise UserError(f"embedder.model {cfg.model}: unet-mid reads a UNet's middle block, and this "
+                            f"{components.family.name} model has none (a CLIP embedder serves every model)")
         if components.vae is None:
             raise UserError(f"embedder.model {cfg.model}: the model has no VAE to encode images with")
         for part in (components.unet, components.vae, *components.text_encoders):

@@ -129,6 +129,7 @@ def test_loop_plan_compares_the_token_with_every_text_on_every_seed(tmp_path):
     assert "--detector shapes:warning --mode ranking --m 4" in commands[1]
     assert "feedback.mode=ranking" in commands[2]
     assert "hfi.initializer_token=triangle" in commands[3] and "'hfi.placeholder_token=<warning-hf>'" in commands[3]
+    assert "configs/hfi/shapes_warning.yaml" in commands[3]  # its own inversion recipe, not red's
     sdd = commands[4:-1]
     assert all("configs/sdd/shapes_warning.yaml" in c for c in sdd)
     wanted = {('["<warning-hf>"]', True), ('["red triangle", "yellow triangle"]', False), ('["triangle"]', False),
@@ -165,6 +166,10 @@ def test_aggregation_over_seeds_and_the_verdict_by_hand():
     hfi = table["sdd-hfi-keep"]
     assert hfi["erased_rate"] == pytest.approx({"mean": 15.0, "min": 10.0, "max": 20.0, "n": 2})
     assert hfi["collateral"]["mean"] == pytest.approx(5.0)  # drops 10, 0, 0, 10 points
+    # the spread is over training seeds (each run's mean drop: 5 and 5), not over the groups' drops (0 and 10)
+    assert (hfi["collateral"]["min"], hfi["collateral"]["max"]) == pytest.approx((5.0, 5.0))
+    shape = table["sdd-words-cases-keep"]["collateral"]
+    assert (shape["min"], shape["max"]) == pytest.approx((0.0, 2.0))  # runs: (0+0)/2, (0+4)/2
     assert table["sdd-words-cases-keep"]["collateral"]["mean"] == pytest.approx(1.0)
     assert table["sdd-words-shape-keep"]["erased_rate"]["n"] == 1  # one seed there: its row says so
     assert "sdd-hfi-plain" not in table and table["neg-words"]["collateral"]["mean"] == 0
@@ -221,6 +226,8 @@ def test_unet_embeddings_are_a_function_of_the_image_alone(tmp_path):
     assert torch_allclose(cached, all_five) and "unet-mid" in embedder.cache_file(str(tmp_path / "cache"))
     with pytest.raises(UserError, match="a UNet embeds as unet-mid"):
         ImageEmbedder.from_config(EmbedderConfig(model="unet:shapes", embedding="projected"))
+    with pytest.raises(UserError, match="unet-mid reads a UNet's middle block, and this sd3 model has none"):
+        ImageEmbedder.from_config(EmbedderConfig(model="unet:tiny-sd3"))
     with pytest.raises(UserError, match="takes embedder.model=unet:MODEL"):
         ImageEmbedder.from_config(EmbedderConfig(model="tiny-random", embedding="unet-mid"))
 
