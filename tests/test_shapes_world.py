@@ -175,3 +175,43 @@ def test_sdd_erases_red_from_the_shipped_model_and_keeps_the_rest(tmp_path):
     assert sdd["kept"] >= 0.8, json.dumps(sdd)
     for key in ("retention_colour", "retention_shape"):
         assert sdd[key] >= base[key] - 0.1, (key, json.dumps(base), json.dumps(sdd))
+
+
+def test_bench_reuses_the_rows_it_judged_and_recomputes_what_changed(tmp_path, monkeypatch):
+    """An interrupted (or partly retrained) benchmark continues: a row whose settings, method, text, model files and
+    code are unchanged is read back from OUT/rows/, with the same rates and images; a retrained model folder or
+    another text is generated again."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdd.methods import inference
+    from sdd.models import build_tiny_sd
+    from sdd.shapes import bench
+
+    folder = tmp_path / "model"
+    m = build_tiny_sd(seed=1)
+    StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+                            scheduler=m.scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(str(folder), safe_serialization=True)
+    settings = bench.BenchSettings(concept="red", n=2, n_retention=2, num_inference_steps=2)
+
+    def rows():
+        return [bench.Row("base", "tiny"), bench.Row("folder", str(folder)),
+                bench.Row("neg", "tiny", "neg", "red")]
+    first = bench.run(rows(), settings, str(tmp_path / "out"), progress=False)
+    assert [r["reused"] for r in first["rows"]] == [False, False, False]
+    grid_first = (tmp_path / "out" / "grid.png").read_bytes()
+    calls = []
+    real = inference.generate_with_method
+    monkeypatch.setattr(inference, "generate_with_method", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    again = bench.run(rows(), settings, str(tmp_path / "out"), progress=False)
+    assert calls == [] and [r["reused"] for r in again["rows"]] == [True, True, True]
+    assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in first["rows"]]
+    assert (tmp_path / "out" / "grid.png").read_bytes() == grid_first  # the same images, read back
+    # the folder's weights change (a retrained model), and the negative prompt names another text
+    weights = next(folder.glob("unet/*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    changed = rows()
+    changed[2].text = "red, blue"
+    third = bench.run(changed, settings, str(tmp_path / "out"), progress=False)
+    assert [r["reused"] for r in third["rows"]] == [True, False, False] and calls == ["sd", "neg"]
+    assert bench.run(rows()[:1], settings, str(tmp_path / "out"), progress=False)["rows"][0]["reused"]

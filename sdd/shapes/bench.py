@@ -21,11 +21,18 @@ its cases share, "triangle", which draws it part of the time: its rate, and how 
 ``colour-mates`` and ``shape-mates`` (prompts sharing only a colour, "a red circle", or only a shape, "a blue
 triangle": drawn as asked, colour and shape both, the collateral of an imprecise erasure) and ``retention``
 (prompts sharing nothing with it).
+
+With ``out_dir``, every row is kept in ``out_dir/rows/`` as soon as it is judged (its rates and images), under a key
+of everything that decides it: the settings, the method and its text, the model's files, the learned token's file
+and the package's code. A rerun (an interrupted benchmark, or one row retrained) reuses the rows whose key is
+unchanged and recomputes the rest; delete ``rows/`` to recompute all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
 import platform
 import time
@@ -306,10 +313,81 @@ def steered_text(row: Row, concepts: Sequence[str]) -> str:
     return ", ".join(concepts)
 
 
+def _tree_digest(paths: Sequence[str], root: str) -> str:
+    """sha256 over the files (relative name and bytes) under ``paths``."""
+    from sdd.files import file_sha256
+
+    h = hashlib.sha256()
+    for path in paths:
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(d, f) for d, _, names in os.walk(path) for f in names if "__pycache__" not in d)
+        for f in files:
+            h.update(f"{os.path.relpath(f, root)}\0{file_sha256(f)}\0".encode())
+    return h.hexdigest()
+
+
+def code_digest() -> str:
+    """The package's Python code: a cached row is reused only by the code that made it."""
+    import sdd
+
+    root = os.path.dirname(sdd.__file__)
+    return _tree_digest(sorted(os.path.join(d, f) for d, _, names in os.walk(root) if "__pycache__" not in d
+                               for f in names if f.endswith(".py")), root)
+
+
+def row_key(row: Row, text: str, settings: BenchSettings, embeds: str | None, code: str) -> str:
+    """What decides a row's images: the settings, the method and its text, the model's files (a built-in model:
+    its shipped files, or its name, the code building it), the learned token's file and the code."""
+    from sdd.models import SHAPES_MODEL_DIR
+
+    folder = SHAPES_MODEL_DIR if row.model == "shapes" else row.model
+    model = _tree_digest([folder], folder) if os.path.isdir(folder) else row.model
+    key = {"settings": asdict(settings), "method": row.method, "text": text, "model": model,
+           "embeds": _tree_digest([embeds], os.path.dirname(embeds)) if embeds else None, "code": code}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RowCache:
+    """Judged rows under ``out_dir/rows/``: ``KEY.npz`` (the images) and ``KEY.json`` (rates, seconds), written
+    atomically, the JSON last (its presence means the row is complete)."""
+
+    def __init__(self, out_dir: str):
+        self.dir = os.path.join(out_dir, "rows")
+
+    def load(self, key: str) -> tuple[dict, list, float] | None:
+        import numpy as np
+
+        meta, arrays = (os.path.join(self.dir, f"{key}.{ext}") for ext in ("json", "npz"))
+        if not (os.path.isfile(meta) and os.path.isfile(arrays)):
+            return None
+        try:
+            with open(meta) as f:
+                saved = json.load(f)
+            with np.load(arrays) as data:
+                images = [Image.fromarray(a) for a in data["images"]]
+        except (OSError, ValueError, KeyError):
+            return None  # a damaged entry is recomputed
+        return saved["metrics"], images, saved["seconds"]
+
+    def save(self, key: str, row: Row) -> None:
+        import numpy as np
+
+        from sdd.files import atomic_path, write_json
+
+        os.makedirs(self.dir, exist_ok=True)
+        with atomic_path(os.path.join(self.dir, f"{key}.npz")) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, images=np.stack([np.asarray(im.convert("RGB")) for im in row.images]))
+        write_json(os.path.join(self.dir, f"{key}.json"),
+                   {"label": row.label, "model": row.model, "method": row.method, "metrics": row.metrics,
+                    "seconds": row.seconds})
+
+
 def run(rows: Sequence[Row], settings: BenchSettings, out_dir: str | None = None, progress: bool = True,
         learned_embeds: str | None = None) -> dict:
     """Generate, judge and score every row; write bench.json and grid.png to ``out_dir``. ``learned_embeds``: a
-    textual-inversion file loaded into the models of rows whose text names a learned token (``<warning-hf>``)."""
+    textual-inversion file loaded into the models of rows whose text names a learned token (``<warning-hf>``).
+    With ``out_dir``, rows judged before with the same key are reused (``RowCache``)."""
     import torch
 
     from sdd.methods.common import load_base
@@ -322,9 +400,19 @@ def run(rows: Sequence[Row], settings: BenchSettings, out_dir: str | None = None
         from sdd.files import check_writable_dir
 
         check_writable_dir(out_dir, "--out")
-    for row, text in zip(rows, texts):
+    cache, code = (RowCache(out_dir), code_digest()) if out_dir else (None, "")
+    cached: set[int] = set()
+    for i, (row, text) in enumerate(zip(rows, texts)):
         started = time.perf_counter()
         embeds = learned_embeds if row.method != "sd" and PLACEHOLDER_RE.search(text) else None
+        key = row_key(row, text, settings, embeds, code) if cache else ""
+        hit = cache.load(key) if cache else None
+        if hit is not None:
+            row.metrics, row.images, row.seconds = hit
+            cached.add(i)
+            if progress:
+                print(f"[{row.label}] judged before ({cache.dir}/{key}.json): reused", flush=True)
+            continue
         model = load_base(row.model, None, "cuda" if torch.cuda.is_available() else "cpu", embeds)
         images = generate_with_method(model, requests(settings), row.method, text,
                                       num_inference_steps=settings.num_inference_steps,
@@ -333,13 +421,16 @@ def run(rows: Sequence[Row], settings: BenchSettings, out_dir: str | None = None
         row.metrics = {k: v.as_dict() for k, v in score(settings, readings).items()}
         row.images = images
         row.seconds = time.perf_counter() - started
+        if cache:
+            cache.save(key, row)
     report = {
         "benchmark": "shapesworld",
         "settings": asdict(settings),
         "oracle": oracle.ShapesOracle().criterion(),
         "columns": column_titles(settings.concept),
         "rows": [{"label": r.label, "model": r.model, "method": r.method, "text": t if r.method != "sd" else None,
-                  "metrics": r.metrics, "seconds": round(r.seconds, 1)} for r, t in zip(rows, texts)],
+                  "metrics": r.metrics, "seconds": round(r.seconds, 1), "reused": i in cached}
+                 for i, (r, t) in enumerate(zip(rows, texts))],
         "learned_embeds": learned_embeds,
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpus": os.cpu_count()},
