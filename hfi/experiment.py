@@ -332,14 +332,17 @@ def reward_vs_oracle(out: str) -> dict:
 
 
 def token_fidelity(model: str, concept: str, out: str, n: int, steps: int, guidance: float) -> dict:
-    """How often the oracle sees the concept in images of prompts with the word and with the learned token."""
+    """How often the oracle sees the concept in images of prompts with the word and with the learned token, and
+    the reward model's mean score of those images (what a user without an oracle can measure)."""
     from sdd.generation import Request, generate
     from sdd.methods.common import load_base
+    from sdd.methods.reward import load_reward
     from sdd.shapes import oracle, world
     from sdd.stats import wilson
 
     token = f"<{concept}-hf>"
     base = load_base(model, None, "cpu", os.path.join(out, "hfi", "learned_embeds.safetensors"))
+    reward = load_reward(os.path.join(out, "reward"))
     kind = world.concept_kind(concept)
     result = {}
     for label, word in (("word", concept), ("token", token)):
@@ -359,6 +362,7 @@ def token_fidelity(model: str, concept: str, out: str, n: int, steps: int, guida
         for r in readings:
             drawn[f"{r.colour} {r.shape}"] = drawn.get(f"{r.colour} {r.shape}", 0) + 1
         result[label] = {"prompts": prompts, "rate": rate.value, "ci95": [rate.lo, rate.hi], "n": n,
+                         "reward": float(reward.score(images).mean()),
                          "drawn": dict(sorted(drawn.items(), key=lambda kv: -kv[1]))}
     table = base.text_encoder.get_input_embeddings().weight.detach()
     tok = base.tokenizer
@@ -455,6 +459,8 @@ def token_lines(concept: str, fidelity: dict) -> list[str]:
          f"images of prompts with {word} ({', '.join(fidelity['word']['prompts'])}), "
          f"{fidelity['token']['rate']:.3f} {ci(fidelity['token']['ci95'])} with the token "
          f"({', '.join(fidelity['token']['prompts'])}; n = {fidelity['word']['n']} each)"),
+        (f"- the reward model's mean score of those images: {fidelity['word']['reward']:.2f} with the words, "
+         f"{fidelity['token']['reward']:.2f} with the token"),
         "- what the token draws (oracle's colour and shape: images): "
         + ", ".join(f"{k} {v}" for k, v in fidelity["token"].get("drawn", {}).items()),
         "- nearest words (cosine of input embeddings): "

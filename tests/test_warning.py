@@ -197,6 +197,8 @@ def test_the_loop_runs_on_the_tiny_preset(tmp_path):
     assert table["base"]["collateral"]["mean"] == 0.0
     report = (tmp_path / "report.md").read_text()
     assert "| sdd-hfi-keep |" in report and "sdd-hfi-keep vs sdd-words-cases-keep" in report
+    word, token = summary["token_fidelity"]["word"], summary["token_fidelity"]["token"]
+    assert f"{word['reward']:.2f} with the words, {token['reward']:.2f} with the token" in report
     bench = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert {r["label"]: r["text"] for r in bench["rows"]}["neg-hfi"] == "<warning-hf>"
     # the SDD run on the token exported a pipeline that holds it; a second loop run skips every stage
