@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from sdd.families import mmdit
+from sdd.families import mmdit, plain_timesteps
 
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length for T5
 
@@ -31,6 +31,9 @@ class StableDiffusion3:
     name = "sd3"
     denoiser_name = "transformer"
     single_file = False
+    guidance_distilled = False
+    latent_patch = 1
+    set_timesteps = staticmethod(plain_timesteps)
 
     def __init__(self, num_layers: Optional[int] = None, pooled_width: Optional[int] = None):
         # read from the transformer's config once, here: the loop may hand ``denoise`` a DDP wrapper, which has none
