@@ -61,6 +61,12 @@ def grid_step(scheduler, output: torch.Tensor, i: int, z: torch.Tensor) -> torch
     return ddim_step(scheduler, output, scheduler.timesteps[i], z)
 
 
+def plain_timesteps(scheduler, steps: int, latent_shape: Sequence[int], device=None) -> None:
+    """The grid SD's, SDXL's and SD3's pipelines sample on (their families' ``set_timesteps``):
+    ``set_timesteps(steps)``, the image size does not enter (FLUX's grid is shifted by it)."""
+    scheduler.set_timesteps(steps, device=device)
+
+
 def unet_denoise(unet, z, t, c):
     """The SD-1.x/2.x denoiser call (``sdd.families.sd``)."""
     return unet(z, t, encoder_hidden_states=c).sample

@@ -149,12 +149,6 @@ def prediction_of(scheduler) -> Prediction:
     return Prediction(kind, getattr(scheduler, "alphas_cumprod", None))
 
 
-def plain_timesteps(scheduler, steps: int, latent_shape: Sequence[int], device=None) -> None:
-    """The grid SD's, SDXL's and SD3's pipelines sample on: ``set_timesteps(steps)`` (the image size does not
-    enter)."""
-    scheduler.set_timesteps(steps, device=device)
-
-
 def family(name: str, components=None) -> ModelFamily:
     """The family called ``name`` (for ``sdxl``, bound to ``components``: its VAE factor gives the time ids, its
     ``force_zeros_for_empty_prompt`` the empty prompt's conditioning; for ``sd3``, to its transformer's depth (the

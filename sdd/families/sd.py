@@ -13,9 +13,8 @@ from typing import Sequence
 
 import torch
 
-from sdd.families import plain_timesteps
 from sdd.params import SELECTORS
-from sdd.sampling import encode_prompts, unet_denoise
+from sdd.sampling import encode_prompts, plain_timesteps, unet_denoise
 
 
 class StableDiffusion:

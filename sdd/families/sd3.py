@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from sdd.families import mmdit, plain_timesteps
+from sdd.families import mmdit
+from sdd.sampling import plain_timesteps
 
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length for T5
 

@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 
 from sdd.errors import UserError
-from sdd.families import plain_timesteps
 from sdd.params import SELECTORS
+from sdd.sampling import plain_timesteps
 
 # SD's sets, but ESD-u's "everything except the text and the time conditioning" also leaves out add_embedding: it
 # embeds the pooled text and the size/crop time ids and is added to the time embedding (xattn stays attn2 only)
