@@ -84,9 +84,9 @@ def export(run_dir: PathLike, *overrides: str, checkpoint: str = "latest", out: 
 
 def load_pipeline(model: PathLike, *, learned_embeds: Optional[PathLike] = None, device: str = "cpu"):
     """The diffusers pipeline of ``model``, its family's (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-    ``StableDiffusion3Pipeline``): a training run folder (its ``pipeline/``; a LoRA run without one: the base model
-    with ``lora/`` loaded; an HFI run: the base model with its token), a pipeline folder, ``tiny``, ``shapes`` or a
-    hub id. ``learned_embeds`` adds a learned token."""
+    ``StableDiffusion3Pipeline``, ``FluxPipeline``): a training run folder (its ``pipeline/``; a LoRA run without
+    one: the base model with ``lora/`` loaded; an HFI run: the base model with its token), a pipeline folder,
+    ``tiny``, ``shapes`` or a hub id. ``learned_embeds`` adds a learned token."""
     import yaml
 
     from sdd.models import load_components
@@ -111,7 +111,7 @@ def load_pipeline(model: PathLike, *, learned_embeds: Optional[PathLike] = None,
                 raise UserError(f"{model}: no pipeline/, lora/ or learned_embeds.safetensors in this run folder")
             model = base
     c = load_components(model)
-    pipe = c.family.pipeline(c)  # the family's stock pipeline (StableDiffusionPipeline, ...XLPipeline, ...3Pipeline)
+    pipe = c.family.pipeline(c)  # the family's stock pipeline (StableDiffusionPipeline, ..., FluxPipeline)
     if lora is not None:
         pipe.load_lora_weights(lora)
     for path in (token, learned_embeds):

@@ -8,8 +8,10 @@ one batched forward pass. The branches are the model family's denoiser outputs (
 model); a guidance combines epsilon (SLD's and SEGA's thresholds are in epsilon), so a v model's outputs are
 converted to epsilon and back around ``combine``, except for a guidance that declares ``affine = True`` (plain
 CFG: weights summing to one commute with the conversion, so it combines v as diffusers' pipelines do). A flow
-model (SD3) runs only affine guidance: at its first step (sigma = 1) epsilon is the latent itself and carries no
-prediction, so SLD, SEGA and SAFREE refuse it in one line. A
+model (SD3, FLUX) runs only affine guidance: at its first step (sigma = 1) epsilon is the latent itself and carries no
+prediction, so SLD, SEGA and SAFREE refuse it in one line. A guidance-distilled model (FLUX.1-dev) has no
+unconditional branch: a step is one forward on the prompt with the request's ``guidance_scale`` as the model's
+guidance input, as ``FluxPipeline`` samples it (a negative prompt, which would need true CFG, is refused). A
 guidance that changes the text conditioning from step to step or hooks into the UNet (SAFREE) adds one optional
 method, ``open_batch``; the others need nothing of it.
 """
@@ -137,8 +139,14 @@ def generate(
     convert = prediction.kind != "epsilon" and not getattr(guidance, "affine", False)
     if convert and prediction.kind == "flow":
         raise UserError(f"generation: {type(guidance).__name__} combines the branches in epsilon, and {model.source} "
-                        "is a flow-matching model (SD3), whose prediction cannot be recovered from epsilon at "
-                        "sigma = 1; only plain classifier-free guidance (methods sd, neg) runs on it")
+                        f"is a flow-matching model ({family.name.upper()}), whose prediction cannot be recovered from "
+                        "epsilon at sigma = 1; only plain classifier-free guidance (methods sd, neg) runs on it")
+    distilled = family.guidance_distilled  # FLUX: one forward on the prompt, guidance_scale embedded
+    if distilled and (guidance.extra_prompts() or any(r.negative_prompt for r in requests)):
+        raise UserError(f"generation: {model.source} is a guidance-distilled {family.name.upper()} model, sampled "
+                        "with one forward per step on the prompt and no unconditional branch, so a negative prompt "
+                        "or a further branch (method neg) would need true CFG, which is not run here (method sd "
+                        "runs)")
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     extra = guidance.extra_prompts()
@@ -166,13 +174,13 @@ def generate(
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
         scheduler = model.scheduler.__class__.from_config(model.scheduler.config)  # fresh state per batch
-        scheduler.set_timesteps(num_inference_steps, device=device)
         shape = (model.latent_channels, height // f, width // f)
+        family.set_timesteps(scheduler, num_inference_steps, shape, device)
         sigma_max = getattr(scheduler, "init_noise_sigma", 1.0)  # a flow-matching scheduler starts at 1
         latents = torch.cat([initial_latent(r.seed, shape, sigma_max) for r in chunk])
         latents = latents.to(device=device, dtype=dtype)
-        branches = [embed([r.negative_prompt for r in chunk]), embed([r.prompt for r in chunk])]
-        branches += [embed([text] * n) for text in extra]
+        branches = [] if distilled else [embed([r.negative_prompt for r in chunk])]
+        branches += [embed([r.prompt for r in chunk])] + [embed([text] * n) for text in extra]
         context = torch.cat(branches)
         scale = torch.tensor([r.guidance_scale for r in chunk], device=device, dtype=dtype).view(n, 1, 1, 1)
         state = guidance.init_state(latents.shape, device, dtype)
@@ -183,13 +191,16 @@ def generate(
                 step_context = context if batch is None else batch.context(step)
                 scale_input = getattr(scheduler, "scale_model_input", None)  # flow matching: none
                 model_in = latents if scale_input is None else scale_input(latents, t)
-                out = family.denoise(unet, model_in.repeat(step_context.shape[0] // n, 1, 1, 1), t, step_context)
-                parts = list(out.split(n))
-                if convert:  # v -> epsilon, combined, -> v for the model's own scheduler
-                    parts = [prediction.to_epsilon(p, model_in, t) for p in parts]
-                eps_hat, state = guidance.combine(parts[0], parts[1], parts[2:], scale, step, state)
-                if convert:
-                    eps_hat = prediction.from_epsilon(eps_hat, model_in, t)
+                if distilled:  # the prompt's prediction at its guidance value is the step's
+                    eps_hat = family.denoise(unet, model_in, t, step_context, guidance=scale.flatten())
+                else:
+                    out = family.denoise(unet, model_in.repeat(step_context.shape[0] // n, 1, 1, 1), t, step_context)
+                    parts = list(out.split(n))
+                    if convert:  # v -> epsilon, combined, -> v for the model's own scheduler
+                        parts = [prediction.to_epsilon(p, model_in, t) for p in parts]
+                    eps_hat, state = guidance.combine(parts[0], parts[1], parts[2:], scale, step, state)
+                    if convert:
+                        eps_hat = prediction.from_epsilon(eps_hat, model_in, t)
                 latents = scheduler.step(eps_hat, t, latents).prev_sample
         finally:
             if batch is not None:
@@ -197,7 +208,7 @@ def generate(
         if output_type == "latent":
             result = list(latents)
         else:
-            shift = vae.config.get("shift_factor") or 0.0  # SD3's VAE: latents = (x - shift) * scale
+            shift = vae.config.get("shift_factor") or 0.0  # SD3's, FLUX's VAE: latents = (x - shift) * scale
             images = vae.decode(latents / vae.config.scaling_factor + shift).sample
             result = to_pil(images) if output_type == "pil" else list(images.float().cpu())
         outputs.extend(result)

@@ -1,6 +1,7 @@
 """Stable Diffusion components: loaded from a diffusers folder / hub id / single file, or built tiny in code
-(``tiny``: SD-1.x, ``tiny-sd2v``: SD-2.x with v-prediction, ``tiny-sdxl``: SDXL, ``tiny-sd3``: SD3), or built full
-size with random weights for speed and memory measurements (``sd15-random``: SD-1.5, ``sdxl-random``: SDXL base 1.0).
+(``tiny``: SD-1.x, ``tiny-sd2v``: SD-2.x with v-prediction, ``tiny-sdxl``: SDXL, ``tiny-sd3``: SD3, ``tiny-flux``:
+FLUX.1-dev), or built full size with random weights for speed and memory measurements (``sd15-random``: SD-1.5,
+``sdxl-random``: SDXL base 1.0).
 
 Only safetensors are ever loaded (``use_safetensors=True``); pickled ``.bin``/``.ckpt`` weights are refused.
 """
@@ -23,20 +24,20 @@ from sdd.single_file import PICKLE_SUFFIXES, load_single_file
 TOKENIZER_DIR = str(resources.files("sdd") / "assets" / "clip-tokenizer")
 SHAPES_MODEL_DIR = str(resources.files("sdd") / "assets" / "shapes-base")
 # names model.pretrained builds or ships
-BUILT_IN_MODELS = ("tiny", "tiny-sd2v", "tiny-sdxl", "tiny-sd3", "shapes", "sd15-random", "sdxl-random")
+BUILT_IN_MODELS = ("tiny", "tiny-sd2v", "tiny-sdxl", "tiny-sd3", "tiny-flux", "shapes", "sd15-random", "sdxl-random")
 
 
 @dataclass
 class SDComponents:
-    unet: UNet2DConditionModel  # the denoiser: SD3's SD3Transformer2DModel (its pipeline's "transformer")
-    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel  # the denoiser: SD3's and FLUX's transformer (their pipelines' "transformer")
+    text_encoder: CLIPTextModel  # FLUX: CLIP-L, of which its pipeline uses the pooled output only
     tokenizer: CLIPTokenizer
     scheduler: object  # the model's own (kept for export); training samples on a DDIM grid from it (flow: its own grid)
     vae: Optional[AutoencoderKL]
     source: str  # what `model.pretrained` named
     family_name: str = "sd"  # its model family (sdd.families): how to encode, call the denoiser, export
-    text_encoder_2: Optional[torch.nn.Module] = None  # SDXL's second text encoder (with projection)
-    tokenizer_2: Optional[CLIPTokenizer] = None
+    text_encoder_2: Optional[torch.nn.Module] = None  # SDXL's second CLIP (with projection); FLUX's T5 encoder
+    tokenizer_2: Optional[object] = None  # SDXL: a CLIPTokenizer; FLUX: T5's
     force_zeros_for_empty_prompt: bool = True  # SDXL: the empty prompt's conditioning is zeros (model_index.json)
     text_encoder_3: Optional[torch.nn.Module] = None  # SD3's T5 encoder
     tokenizer_3: Optional[object] = None
@@ -62,11 +63,15 @@ class SDComponents:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        """The VAE's latent channels: the denoiser's input channels (FLUX: over the 2 x 2 patches it packs)."""
+        return self.unet.config.in_channels // self.family.latent_patch**2
 
     @property
     def default_resolution(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
+        size = self.unet.config.get("sample_size")
+        if size is None:  # FLUX's transformer has none: its VAE's image size (FLUX.1's 1024, FluxPipeline's default)
+            return self.vae.config.sample_size if self.vae is not None else 1024
+        return size * self.vae_scale_factor
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "SDComponents":
         for module in (self.unet, *self.text_encoders, self.vae):
@@ -76,7 +81,7 @@ class SDComponents:
 
     @property
     def text_encoders(self) -> list:
-        """The model's text encoders (one for SD-1.x/2.x, two for SDXL, three for SD3)."""
+        """The model's text encoders (one for SD-1.x/2.x, two for SDXL and FLUX, three for SD3)."""
         return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
 
 
@@ -244,6 +249,47 @@ def build_tiny_sd3(seed: int = 0, sample_size: int = 16) -> SDComponents:
                         text_encoder_3=text_encoder_3, tokenizer_3=tiny_t5_tokenizer())
 
 
+# black-forest-labs/FLUX.1-dev's scheduler: flow matching, the shift mu from the image token count
+FLUX_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+    "use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5,
+    "max_shift": 1.15,
+}
+
+
+def build_tiny_flux(seed: int = 0, sample_size: int = 16) -> SDComponents:
+    """A randomly initialised FLUX.1-dev-shaped model (diffusers' fast-test sizes, docs/METHODS.md section 10.5,
+    with three changes): a ``FluxTransformer2DModel`` with ``guidance_embeds`` (dev's distilled guidance) and two
+    double-stream and two single-stream blocks (so a double-stream block's text feeds the next one), CLIP-L's
+    pooled output (32 wide, the shipped BPE tables with the real end-of-text id) and T5 32 wide (=
+    ``joint_attention_dim``; the offline T5 tokenizer of ``tiny-sd3``). The VAE has FLUX's shift and scaling
+    factors, no quant convs, 4 latent channels (the transformer reads 2 x 2 patches: 16 channels) and two blocks,
+    so 32 px images have 16 x 16 latents, 64 image tokens, as the other tiny models' latents. FLUX.1-dev's
+    scheduler (flow matching, dynamic shift). Deterministic for a seed."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=4 * 4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=(4, 4, 8),  # sums to the head dim
+        )
+        vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4, 8), latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            layers_per_block=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.1159, scaling_factor=0.3611, sample_size=sample_size * 2)
+        text_encoder = CLIPTextModel(tiny_text_config(hidden_act="gelu"))
+        text_encoder_2 = T5EncoderModel(T5Config(d_ff=37, d_kv=8, d_model=32, num_layers=2, num_heads=4,
+                                                 relative_attention_num_buckets=8, vocab_size=1103))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER_CONFIG)
+    for module in (transformer, vae, text_encoder, text_encoder_2):
+        module.eval()
+    return SDComponents(transformer, text_encoder, load_tokenizer(), scheduler, vae, source="tiny-flux",
+                        family_name="flux", text_encoder_2=text_encoder_2, tokenizer_2=tiny_t5_tokenizer())
+
+
 def build_sd15_random(seed: int = 0) -> SDComponents:
     """Stable Diffusion 1.5's architecture (UNet 860 M, CLIP ViT-L/14 text encoder 123 M, VAE 84 M) with random
     weights, built from its config: for speed and memory measurements without downloading anything."""
@@ -355,9 +401,10 @@ def _describe(err: Exception) -> str:
 
 def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae: bool = True,
                     single_file_config: Optional[str] = None) -> SDComponents:
-    """Components of an SD-1.x/2.x, SDXL or SD3 model: ``'tiny'``, ``'tiny-sd2v'``, ``'tiny-sdxl'``, ``'tiny-sd3'``,
-    ``'shapes'``, ``'sd15-random'``, ``'sdxl-random'``, a diffusers folder (SDXL: with ``text_encoder_2/`` and
-    ``tokenizer_2/``; SD3: ``transformer/``, ``text_encoder_3/`` and ``tokenizer_3/``), a hub id (``owner/name``),
+    """Components of an SD-1.x/2.x, SDXL, SD3 or FLUX.1 model: ``'tiny'``, ``'tiny-sd2v'``, ``'tiny-sdxl'``,
+    ``'tiny-sd3'``, ``'tiny-flux'``, ``'shapes'``, ``'sd15-random'``, ``'sdxl-random'``, a diffusers folder (SDXL:
+    with ``text_encoder_2/`` and ``tokenizer_2/``; SD3: ``transformer/``, ``text_encoder_3/`` and ``tokenizer_3/``;
+    FLUX: ``transformer/`` and ``model_index.json`` naming ``FluxPipeline``), a hub id (``owner/name``),
     or a single-file ``.safetensors`` checkpoint in the original layout (``sdd.single_file``; its config from
     ``single_file_config``, the file, or the family its keys show)."""
     if pretrained == "tiny":
@@ -368,6 +415,8 @@ def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae
         return build_tiny_sdxl()
     if pretrained == "tiny-sd3":
         return build_tiny_sd3()
+    if pretrained == "tiny-flux":
+        return build_tiny_flux()
     if pretrained == "sd15-random":
         return build_sd15_random()
     if pretrained == "sdxl-random":
@@ -388,13 +437,13 @@ def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae
             f"model.pretrained: unknown model '{pretrained}' (built in: {', '.join(BUILT_IN_MODELS)}; "
             "or a diffusers model folder or a hub id owner/name)"
         )
-    if is_local and _is_sd3_folder(pretrained):
-        subs = ["transformer", "scheduler"] + [f"{kind}{n}" for n in ("", "_2", "_3")
-                                               for kind in ("text_encoder", "tokenizer")]
-        for sub in subs + (["vae"] if with_vae else []):
+    kind = _transformer_family(pretrained, {}) if is_local else None
+    if kind is not None:
+        label, subs = TRANSFORMER_FOLDERS[kind]
+        for sub in ["scheduler", *subs] + (["vae"] if with_vae else []):
             if not os.path.isdir(os.path.join(pretrained, sub)):
-                raise UserError(f"model.pretrained: {pretrained} is an SD3 folder without '{sub}/'")
-        _refuse_pickles(pretrained, ["transformer", "text_encoder", "text_encoder_2", "text_encoder_3"]
+                raise UserError(f"model.pretrained: {pretrained} is {label} folder without '{sub}/'")
+        _refuse_pickles(pretrained, [sub for sub in subs if not sub.startswith("tokenizer")]
                         + (["vae"] if with_vae else []))
     elif is_local:
         for sub in ("unet", "text_encoder", "tokenizer", "scheduler") + (("vae",) if with_vae else ()):
@@ -430,39 +479,59 @@ def _is_sdxl_folder(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "text_encoder_2"))
 
 
-def _is_sd3_folder(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "transformer")) or os.path.isdir(os.path.join(path, "text_encoder_3"))
+# the transformer pipelines' folders: family -> (what messages call one, its subfolders besides scheduler/ and vae/)
+TRANSFORMER_FOLDERS = {
+    "sd3": ("an SD3", ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                    "tokenizer_3")),
+    "flux": ("a FLUX", ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")),
+}
+_TRANSFORMER_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 
 
-def _load_sd3(pretrained: str, kwargs: dict, with_vae: bool) -> SDComponents:
-    """An SD3 folder or hub id, by the components of ``StableDiffusion3Pipeline`` (T5 included)."""
-    from diffusers import SD3Transformer2DModel
+def _transformer_family(pretrained: str, kwargs: dict, index: Optional[dict] = None) -> Optional[str]:
+    """``sd3`` or ``flux`` for a folder or hub id of one of their pipelines (its ``model_index.json``; a local
+    folder without one, with ``transformer/`` or ``text_encoder_3/``: SD3), None for a UNet pipeline."""
+    index = _model_index(pretrained, kwargs) if index is None else index
+    kind = _TRANSFORMER_PIPELINES.get(index.get("_class_name"))
+    if kind is None and os.path.isdir(pretrained) and any(
+            os.path.isdir(os.path.join(pretrained, sub)) for sub in ("transformer", "text_encoder_3")):
+        kind = "sd3"
+    return kind
+
+
+def _load_transformer_pipeline(pretrained: str, kwargs: dict, with_vae: bool, kind: str) -> SDComponents:
+    """An SD3 or FLUX folder or hub id, by the components of its pipeline (T5 included)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, T5EncoderModel, T5TokenizerFast
 
-    def encoder(cls, sub):
+    def part(cls, sub):
         return cls.from_pretrained(pretrained, subfolder=sub, use_safetensors=True, **kwargs).eval()
 
-    transformer = SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer", use_safetensors=True,
-                                                        **kwargs).eval()
-    vae = (AutoencoderKL.from_pretrained(pretrained, subfolder="vae", use_safetensors=True, **kwargs).eval()
-           if with_vae else None)
+    def tokenizer(cls, sub):
+        return cls.from_pretrained(pretrained, subfolder=sub, **kwargs)
+
+    shared = dict(scheduler=_load_scheduler(pretrained, kwargs), source=pretrained, family_name=kind,
+                  vae=part(AutoencoderKL, "vae") if with_vae else None,
+                  tokenizer=tokenizer(CLIPTokenizer, "tokenizer"))
+    if kind == "flux":
+        return SDComponents(part(FluxTransformer2DModel, "transformer"), part(CLIPTextModel, "text_encoder"),
+                            text_encoder_2=part(T5EncoderModel, "text_encoder_2"),
+                            tokenizer_2=tokenizer(T5TokenizerFast, "tokenizer_2"), **shared)
     return SDComponents(
-        transformer, encoder(CLIPTextModelWithProjection, "text_encoder"),
-        CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs), _load_scheduler(pretrained, kwargs),
-        vae, source=pretrained, family_name="sd3",
-        text_encoder_2=encoder(CLIPTextModelWithProjection, "text_encoder_2"),
-        tokenizer_2=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kwargs),
-        text_encoder_3=encoder(T5EncoderModel, "text_encoder_3"),
-        tokenizer_3=T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_3", **kwargs),
-    )
+        part(SD3Transformer2DModel, "transformer"), part(CLIPTextModelWithProjection, "text_encoder"),
+        text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2"),
+        tokenizer_2=tokenizer(CLIPTokenizer, "tokenizer_2"),
+        text_encoder_3=part(T5EncoderModel, "text_encoder_3"), tokenizer_3=tokenizer(T5TokenizerFast, "tokenizer_3"),
+        **shared)
 
 
 def _load(pretrained: str, kwargs: dict, is_local: bool, with_vae: bool) -> SDComponents:
     xl = {}
     try:
         index = _model_index(pretrained, kwargs)
-        if index.get("_class_name") == "StableDiffusion3Pipeline" or (is_local and _is_sd3_folder(pretrained)):
-            return _load_sd3(pretrained, kwargs, with_vae)
+        kind = _transformer_family(pretrained, kwargs, index)
+        if kind is not None:
+            return _load_transformer_pipeline(pretrained, kwargs, with_vae, kind)
         unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", use_safetensors=True, **kwargs)
         text_encoder = CLIPTextModel.from_pretrained(
             pretrained, subfolder="text_encoder", use_safetensors=True, **kwargs

@@ -9,9 +9,9 @@ Names follow diffusers' UNet2DConditionModel (cross-attention = ``attn2``, self-
 - ``lora``: low-rank adapters (PEFT) on ``lora.target_modules``; the base weights stay frozen.
 
 These are SD-1.x/2.x's sets; a model family names its own (``sdd.families``: SDXL's ``noxattn`` also leaves out
-``add_embedding``, the pooled-text and size pathway added to the time embedding; SD3's are its MMDiT's, see
-``sdd.families.sd3``) and the methods pass the family in, which also says what ``lora.target_modules`` names on
-its model.
+``add_embedding``, the pooled-text and size pathway added to the time embedding; SD3's and FLUX's are their
+MMDiTs', see ``sdd.families.mmdit``) and the methods pass the family in, which also says what
+``lora.target_modules`` names on its model.
 """
 
 from __future__ import annotations

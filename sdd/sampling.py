@@ -4,7 +4,8 @@
 the latents together with the timestep they now sit at, which is the timestep the student must be queried at.
 On a flow-matching model (SD3: ``FlowMatchEulerDiscreteScheduler``, x_s = (1 - s) x0 + s eps, the output
 v = eps - x0) the same sampler takes Euler steps z + (s_{i+1} - s_i) v on the scheduler's ``sigmas`` instead
-(``grid_step``).
+(``grid_step``). On a guidance-distilled model (FLUX.1-dev) a step is one forward on the guiding prompt with s_g
+as the model's guidance input, and no unconditional branch (``distilled``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def ddim_step(scheduler, eps: torch.Tensor, t: int, z: torch.Tensor) -> torch.Te
 
 
 def is_flow_matching(scheduler) -> bool:
-    """Whether ``scheduler`` is a flow-matching one (SD3's): x_s = (1 - s) x0 + s eps, the model predicts
+    """Whether ``scheduler`` is a flow-matching one (SD3's, FLUX's): x_s = (1 - s) x0 + s eps, the model predicts
     v = eps - x0, and ``timesteps`` are ``sigmas * num_train_timesteps``."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -60,6 +61,12 @@ def grid_step(scheduler, output: torch.Tensor, i: int, z: torch.Tensor) -> torch
     return ddim_step(scheduler, output, scheduler.timesteps[i], z)
 
 
+def plain_timesteps(scheduler, steps: int, latent_shape: Sequence[int], device=None) -> None:
+    """The grid SD's, SDXL's and SD3's pipelines sample on (their families' ``set_timesteps``):
+    ``set_timesteps(steps)``, the image size does not enter (FLUX's grid is shifted by it)."""
+    scheduler.set_timesteps(steps, device=device)
+
+
 def unet_denoise(unet, z, t, c):
     """The SD-1.x/2.x denoiser call (``sdd.families.sd``)."""
     return unet(z, t, encoder_hidden_states=c).sample
@@ -75,6 +82,7 @@ def sample_to_k(
     guidance_scale: float,
     k: torch.Tensor,
     denoise=None,
+    distilled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run CFG-DDIM from ``z_T`` for exactly ``k[b]`` steps for each latent ``b``.
 
@@ -93,6 +101,8 @@ def sample_to_k(
             ``unet(z, t, encoder_hidden_states=c).sample``. Its output (epsilon, v, or a flow model's v) is
             combined as it is (CFG commutes with the conversion) and stepped by ``grid_step``: DDIM reads the
             model's prediction type; a flow grid's Euler step takes the flow v.
+        distilled: the family's ``guidance_distilled`` (FLUX): each step is ``denoise(unet, z, t, c_cond,
+            guidance=guidance_scale)``, one forward with s_g embedded; ``c_uncond`` is not used.
 
     Returns:
         ``(z_t, t)``: the latents and, for each, the grid timestep ``scheduler.timesteps[k[b]]`` at which it sits.
@@ -121,14 +131,12 @@ def sample_to_k(
         t = timesteps[i]
         z_a = z.index_select(0, active)
         n = z_a.shape[0]
-        eps = denoise(
-            unet,
-            torch.cat([z_a, z_a]),
-            t,
-            torch.cat([c_uncond.index_select(0, active), c_cond.index_select(0, active)]),
-        )
-        eps_uncond, eps_cond = eps[:n], eps[n:]
-        guided = classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)
+        c_a = c_cond.index_select(0, active)
+        if distilled:
+            guided = denoise(unet, z_a, t, c_a, guidance=guidance_scale)
+        else:
+            eps = denoise(unet, torch.cat([z_a, z_a]), t, torch.cat([c_uncond.index_select(0, active), c_a]))
+            guided = classifier_free_guidance(eps[:n], eps[n:], guidance_scale)
         z_new = grid_step(scheduler, guided.to(z_a.dtype), i, z_a)
         z = z.index_copy(0, active, z_new.to(z.dtype))
     t_k = timesteps[ks.flatten()].to(z.device)

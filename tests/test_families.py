@@ -36,8 +36,8 @@ def test_sd1_is_the_sd_family_and_predicts_epsilon():
     out = torch.randn(2, 4, 16, 16)
     assert tiny.prediction.to_epsilon(out, x, 500) is out  # an epsilon model's numbers never pass through it
     assert tiny.prediction.from_epsilon(out, x, 500) is out
-    with pytest.raises(UserError, match="unknown model family 'flux'"):
-        family("flux")
+    with pytest.raises(UserError, match="unknown model family 'flux2'"):
+        family("flux2")
 
 
 def test_tiny_sd2v_is_sd2_shaped_deterministic_and_predicts_v(sd2v):
@@ -50,7 +50,7 @@ def test_tiny_sd2v_is_sd2_shaped_deterministic_and_predicts_v(sd2v):
     assert sd2v.default_resolution == 32 and load_components("tiny-sd2v").source == "tiny-sd2v"
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "sd2"])
+@pytest.mark.parametrize("name", ["tiny-flux2", "sd2"])
 def test_an_unknown_model_name_is_one_clear_error(name):
     with pytest.raises(UserError) as err:
         load_components(name)

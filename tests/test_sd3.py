@@ -338,8 +338,8 @@ def test_the_image_methods_refuse_sd3(sd3, method):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["sdd.adversarial.every=1"], "models with two or three \\(SDXL, SD3\\) are not supported yet"),
-    (["learned_embeds=token.safetensors"], "models with two or three \\(SDXL, SD3\\) are not supported yet"),
+    (["sdd.adversarial.every=1"], "models with two or three \\(SDXL, SD3, FLUX\\) are not supported yet"),
+    (["learned_embeds=token.safetensors"], "models with two or three \\(SDXL, SD3, FLUX\\) are not supported yet"),
     (["perf.attention=eager"], "perf.attention=eager: the classic attention processor is a UNet's"),
 ])
 def test_sd3_features_not_ported_are_one_clear_error(tmp_path, overrides, message):

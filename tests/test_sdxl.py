@@ -207,7 +207,7 @@ def test_training_on_tiny_sdxl_exports_an_sdxl_pipeline_that_loads_and_generates
 
 @pytest.mark.parametrize("override", ["sdd.adversarial.every=1", "learned_embeds=token.safetensors"])
 def test_one_text_encoder_features_on_sdxl_are_one_clear_error(tmp_path, override):
-    with pytest.raises(UserError, match="models with two or three \\(SDXL, SD3\\) are not supported yet") as err:
+    with pytest.raises(UserError, match="models with two or three \\(SDXL, SD3, FLUX\\) are not supported yet") as err:
         sdd_method(tmp_path, override)
     assert "\n" not in str(err.value)
 

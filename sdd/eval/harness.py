@@ -35,7 +35,8 @@ from sdd.eval.suites import SUITES, EntryImages, Models, ScorerSpec, image_files
 from sdd.image_folder import GenerateConfig, Job, job_batches, make_jobs
 from sdd.jobs import assign_units, distributed_state
 
-RANDOM_MODELS = ("tiny", "tiny-sd2v", "tiny-sd3", "sd15-random")  # model names built in code with random weights
+# model names built in code with random weights
+RANDOM_MODELS = ("tiny", "tiny-sd2v", "tiny-sd3", "tiny-flux", "sd15-random")
 
 
 @dataclass

@@ -9,7 +9,10 @@ the model (its scheduler's ``prediction_type``), and :class:`Prediction` turns a
 ``sd`` (:mod:`sdd.families.sd`) serves SD-1.x (epsilon) and SD-2.x (epsilon or v-prediction): the same UNet call
 and pipeline class, the text encoder's depth and activation being config. ``sdxl`` (:mod:`sdd.families.sdxl`):
 two text encoders, pooled embeddings and time ids. ``sd3`` (:mod:`sdd.families.sd3`): an MMDiT transformer in the
-``unet`` slot, three text encoders, flow matching (``Prediction`` kind ``flow``). See docs/METHODS.md section 10.
+``unet`` slot, three text encoders, flow matching (``Prediction`` kind ``flow``). ``flux``
+(:mod:`sdd.families.flux`): FLUX.1's transformer on packed latents, CLIP's pooled output and T5, flow matching on a
+grid shifted by the image size, distilled guidance (one forward per step, no unconditional branch). What the two
+MMDiT families share is :mod:`sdd.families.mmdit`. See docs/METHODS.md section 10.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from sdd.errors import UserError
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")  # a VP model's scheduler.config.prediction_type; "flow": SD3
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # a VP model's scheduler.config.prediction_type; "flow": SD3, FLUX
 
 
 class ModelFamily(Protocol):
@@ -31,6 +34,10 @@ class ModelFamily(Protocol):
     parameter_sets: Mapping[str, Callable[[str], bool]]  # finetune name -> does it train this parameter
     denoiser_name: str  # what the denoiser is called in its pipeline ("unet", "transformer"): export file names
     single_file: bool  # whether export.format=single-file (the original layout) is written for the family
+    # False: a sampling step combines an unconditional and a conditional branch (CFG); True (FLUX): one forward on
+    # the prompt, the guidance value an input of the denoiser (``denoise(..., guidance=s)``)
+    guidance_distilled: bool
+    latent_patch: int  # the denoiser reads p x p latent patches packed into its channels (1; FLUX: 2)
 
     def lora_targets(self, target_modules: Sequence[str]) -> list[str]:
         """The modules ``lora.target_modules`` names on this family (the default mirrors ``xattn``)."""
@@ -42,6 +49,11 @@ class ModelFamily(Protocol):
 
     def denoise(self, unet, z: torch.Tensor, t, conditioning: torch.Tensor) -> torch.Tensor:
         """One denoiser call: the raw output (what :class:`Prediction` says it predicts)."""
+        ...
+
+    def set_timesteps(self, scheduler, steps: int, latent_shape: Sequence[int], device=None) -> None:
+        """Put ``scheduler`` on the grid of ``steps`` the family's pipeline samples latents of ``latent_shape``
+        (C, H, W) on (FLUX: shifted by the image token count)."""
         ...
 
     def pipeline_class(self) -> type:
@@ -63,8 +75,8 @@ class Prediction:
     For ``epsilon`` the conversion to epsilon is the identity (the very tensor comes back), so an epsilon model's
     numbers never pass through it.
 
-    ``flow`` (SD3, flow matching): x_s = (1 - s) x0 + s eps with s = t / ``num_train_timesteps`` (the scheduler's
-    timesteps are sigmas times that), and the output is v = eps - x0:
+    ``flow`` (SD3, FLUX: flow matching): x_s = (1 - s) x0 + s eps with s = t / ``num_train_timesteps`` (the
+    scheduler's timesteps are sigmas times that), and the output is v = eps - x0:
 
         eps = x_s + (1 - s) v           x0 = x_s - s v
 
@@ -140,8 +152,9 @@ def prediction_of(scheduler) -> Prediction:
 def family(name: str, components=None) -> ModelFamily:
     """The family called ``name`` (for ``sdxl``, bound to ``components``: its VAE factor gives the time ids, its
     ``force_zeros_for_empty_prompt`` the empty prompt's conditioning; for ``sd3``, to its transformer's depth (the
-    last block reads no text for the image) and pooled width)."""
-    from sdd.families import sd, sd3, sdxl
+    last block reads no text for the image) and pooled width; for ``flux``, to whether its transformer embeds a
+    guidance value and its pooled width)."""
+    from sdd.families import flux, sd, sd3, sdxl
 
     if name == sd.FAMILY.name:
         return sd.FAMILY
@@ -154,4 +167,9 @@ def family(name: str, components=None) -> ModelFamily:
         if components is None:
             return sdxl.StableDiffusionXL()
         return sdxl.StableDiffusionXL(components.vae_scale_factor, components.force_zeros_for_empty_prompt)
-    raise UserError(f"model: unknown model family '{name}' (known: sd, sdxl, sd3)")
+    if name == flux.Flux.name:
+        if components is None:
+            return flux.Flux()
+        config = components.unet.config
+        return flux.Flux(config.guidance_embeds, config.pooled_projection_dim)
+    raise UserError(f"model: unknown model family '{name}' (known: sd, sdxl, sd3, flux)")

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from sdd.params import SELECTORS
-from sdd.sampling import encode_prompts, unet_denoise
+from sdd.sampling import encode_prompts, plain_timesteps, unet_denoise
 
 
 class StableDiffusion:
@@ -22,6 +22,9 @@ class StableDiffusion:
     parameter_sets = SELECTORS
     denoiser_name = "unet"
     single_file = True
+    guidance_distilled = False
+    latent_patch = 1
+    set_timesteps = staticmethod(plain_timesteps)
 
     def lora_targets(self, target_modules: Sequence[str]) -> list[str]:
         return list(target_modules)

@@ -17,6 +17,7 @@ import torch
 
 from sdd.errors import UserError
 from sdd.params import SELECTORS
+from sdd.sampling import plain_timesteps
 
 # SD's sets, but ESD-u's "everything except the text and the time conditioning" also leaves out add_embedding: it
 # embeds the pooled text and the size/crop time ids and is added to the time embedding (xattn stays attn2 only)
@@ -28,6 +29,9 @@ class StableDiffusionXL:
     parameter_sets = PARAMETER_SETS
     denoiser_name = "unet"
     single_file = True
+    guidance_distilled = False
+    latent_patch = 1
+    set_timesteps = staticmethod(plain_timesteps)
 
     def __init__(self, vae_scale_factor: int = 8, force_zeros_for_empty_prompt: bool = True):
         self.vae_scale_factor = vae_scale_factor

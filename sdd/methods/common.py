@@ -63,7 +63,7 @@ def load_base(pretrained: str, revision: str | None, device, learned_embeds: str
             from sdd.errors import UserError
 
             raise UserError("learned_embeds: a learned token goes into one text encoder; models with two or three "
-                            "(SDXL, SD3) are not supported yet")
+                            "(SDXL, SD3, FLUX) are not supported yet")
 
         load_learned_embeds(base, learned_embeds)
     for encoder in base.text_encoders:
@@ -75,7 +75,7 @@ def load_base(pretrained: str, revision: str | None, device, learned_embeds: str
 
 def require_family(base: SDComponents, method: str, epsilon_only: bool = False) -> None:
     """One line, before anything is trained, for a method that does not run on the model's family yet (every
-    method but SDD and ESD: the SD family only, so SDXL and SD3 are refused; ``epsilon_only``: its loss reads the
+    method but SDD and ESD: the SD family only, so SDXL, SD3 and FLUX are refused; ``epsilon_only``: its loss reads the
     UNet's output as epsilon)."""
     from sdd.errors import UserError
     from sdd.families import prediction_of
@@ -91,7 +91,7 @@ def require_family(base: SDComponents, method: str, epsilon_only: bool = False) 
 
 def require_export(base: SDComponents, export: ExportConfig) -> None:
     """One line before anything is trained for an export the model's family cannot write (the same check
-    ``export_model`` makes when ``sdd-export`` runs): SD3 has no single-file layout here."""
+    ``export_model`` makes when ``sdd-export`` runs): SD3 and FLUX have no single-file layout here."""
     if export.format != "diffusers" and not base.family.single_file:
         from sdd.errors import UserError
 
@@ -99,9 +99,10 @@ def require_export(base: SDComponents, export: ExportConfig) -> None:
                         f"is a {base.family.name} model: use export.format=diffusers")
 
 
-def ddim_grid(base: SDComponents, steps: int):
+def ddim_grid(base: SDComponents, steps: int, resolution: Optional[int] = None):
     """A DDIM scheduler on the model's noise schedule with ``steps`` grid points (noisiest first); for a
-    flow-matching model (SD3) its own flow-matching scheduler's grid (``sdd.sampling.grid_step`` takes the Euler
+    flow-matching model (SD3, FLUX) its own flow-matching scheduler's grid, as its pipeline sets it for images of
+    ``resolution`` (default: the model's; FLUX's shift depends on it) (``sdd.sampling.grid_step`` takes the Euler
     steps on its sigmas)."""
     from diffusers import DDIMScheduler
 
@@ -109,7 +110,7 @@ def ddim_grid(base: SDComponents, steps: int):
 
     if is_flow_matching(base.scheduler):
         scheduler = base.scheduler.__class__.from_config(base.scheduler.config)
-        scheduler.set_timesteps(steps)
+        base.family.set_timesteps(scheduler, steps, latent_shape(base, resolution or base.default_resolution))
         return scheduler
     scheduler = DDIMScheduler.from_config(base.scheduler.config)
     scheduler.set_timesteps(steps)

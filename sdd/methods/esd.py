@@ -98,8 +98,8 @@ class ESDMethod:
 
         s = cfg.esd
         self.texts = common.TextEmbeddings(self.base, ["", *cfg.concepts], cfg.perf.cache_text_embeddings)
-        self.scheduler = common.ddim_grid(self.base, s.ddim_steps)
         self.resolution = s.resolution or self.base.default_resolution
+        self.scheduler = common.ddim_grid(self.base, s.ddim_steps, self.resolution)
         self.latent_shape = common.latent_shape(self.base, self.resolution)
 
     def draw(self, micro_step: int, generator: torch.Generator):
@@ -119,7 +119,8 @@ class ESDMethod:
         z_T = z_T.to(c_uncond.device)
         c_uncond_b = c_uncond.expand(batch, -1, -1)
         with sampling_autocast(c_uncond.device, self.cfg.perf.teacher_precision):
-            z_t, t = sample_to_k(model, self.scheduler, z_T, c, c_uncond, s.start_guidance, k, denoise=self.denoise)
+            z_t, t = sample_to_k(model, self.scheduler, z_T, c, c_uncond, s.start_guidance, k, denoise=self.denoise,
+                                 distilled=self.base.family.guidance_distilled)
             with torch.no_grad():
                 if self.cfg.perf.frozen_passes == "batched":
                     eps = self.denoise(self.frozen, torch.cat([z_t, z_t]), torch.cat([t, t]),

@@ -193,8 +193,8 @@ class SDDMethod:
         self.preserve_texts = list(s.preserve_prompts)
         self.texts = common.TextEmbeddings(self.base, ["", *student_texts, *sampler_texts, *self.preserve_texts,
                                                        *target_texts], cfg.perf.cache_text_embeddings)
-        self.scheduler = common.ddim_grid(self.base, s.ddim_steps)
         self.resolution = s.resolution or self.base.default_resolution
+        self.scheduler = common.ddim_grid(self.base, s.ddim_steps, self.resolution)
         self.latent_shape = common.latent_shape(self.base, self.resolution)
         self.adversary = Adversary(self.base, s.adversarial, sampler_texts[0]) if s.adversarial.every else None
 
@@ -219,7 +219,7 @@ class SDDMethod:
         z_T = z_T.to(c_uncond.device)
         with sampling_autocast(c_uncond.device, self.cfg.perf.teacher_precision):
             z_t, t = sample_to_k(self.teacher, self.scheduler, z_T, c_p, c_uncond, s.guidance_scale, k,
-                                 denoise=self.denoise)
+                                 denoise=self.denoise, distilled=self.base.family.guidance_distilled)
         return z_t.float(), t, c_uncond, c_s.repeat_interleave(s.latents_per_trajectory, 0)
 
     def conditioning(self, idx: torch.Tensor):
@@ -342,7 +342,7 @@ class Adversary:
 
         if base.text_encoder_2 is not None:
             raise UserError("sdd.adversarial: the inner attack learns one text encoder's token embedding; models "
-                            "with two or three (SDXL, SD3) are not supported yet, set sdd.adversarial.every=0")
+                            "with two or three (SDXL, SD3, FLUX) are not supported yet, set sdd.adversarial.every=0")
         self.base, self.settings = base, settings
         tokenizer = copy.deepcopy(base.tokenizer)  # the exported model's tokenizer never holds the token
         tokenizer.add_tokens(["<adversarial>"])
