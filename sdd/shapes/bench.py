@@ -338,13 +338,14 @@ def code_digest() -> str:
 def row_key(row: Row, text: str, settings: BenchSettings, embeds: str | None, code: str) -> str:
     """What decides a row's images: the settings, the method and its text, the model's files (a built-in model:
     its shipped files, or its name, the code building it), the learned token's file and the code."""
+    from sdd.files import to_json
     from sdd.models import SHAPES_MODEL_DIR
 
     folder = SHAPES_MODEL_DIR if row.model == "shapes" else row.model
     model = _tree_digest([folder], folder) if os.path.isdir(folder) else row.model
     key = {"settings": asdict(settings), "method": row.method, "text": text, "model": model,
            "embeds": _tree_digest([embeds], os.path.dirname(embeds)) if embeds else None, "code": code}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(to_json(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class RowCache:
