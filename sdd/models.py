@@ -440,6 +440,8 @@ def load_components(pretrained: str, revision: Optional[str] = None, *, with_vae
     kind = _transformer_family(pretrained, {}) if is_local else None
     if kind is not None:
         label, subs = TRANSFORMER_FOLDERS[kind]
+        if kind == "sd3" and not _sd3_has_t5(pretrained, {}):
+            subs = tuple(sub for sub in subs if not sub.endswith("_3"))  # saved without T5 (the pipeline allows it)
         for sub in ["scheduler", *subs] + (["vae"] if with_vae else []):
             if not os.path.isdir(os.path.join(pretrained, sub)):
                 raise UserError(f"model.pretrained: {pretrained} is {label} folder without '{sub}/'")
@@ -473,6 +475,13 @@ def _model_index(pretrained: str, kwargs: dict) -> dict:
         return dict(DiffusionPipeline.load_config(pretrained, **kwargs))
     except (OSError, ValueError, EnvironmentError):
         return {}
+
+
+def _sd3_has_t5(pretrained: str, kwargs: dict) -> bool:
+    """False for an SD3 pipeline saved without its T5 encoder (``"text_encoder_3": [null, null]`` in its
+    ``model_index.json``, as ``save_pretrained`` writes ``text_encoder_3=None``)."""
+    entry = _model_index(pretrained, kwargs).get("text_encoder_3")
+    return not (isinstance(entry, (list, tuple)) and entry and entry[0] is None)
 
 
 def _is_sdxl_folder(path: str) -> bool:
@@ -517,11 +526,13 @@ def _load_transformer_pipeline(pretrained: str, kwargs: dict, with_vae: bool, ki
         return SDComponents(part(FluxTransformer2DModel, "transformer"), part(CLIPTextModel, "text_encoder"),
                             text_encoder_2=part(T5EncoderModel, "text_encoder_2"),
                             tokenizer_2=tokenizer(T5TokenizerFast, "tokenizer_2"), **shared)
+    has_t5 = _sd3_has_t5(pretrained, kwargs)
     return SDComponents(
         part(SD3Transformer2DModel, "transformer"), part(CLIPTextModelWithProjection, "text_encoder"),
         text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2"),
         tokenizer_2=tokenizer(CLIPTokenizer, "tokenizer_2"),
-        text_encoder_3=part(T5EncoderModel, "text_encoder_3"), tokenizer_3=tokenizer(T5TokenizerFast, "tokenizer_3"),
+        text_encoder_3=part(T5EncoderModel, "text_encoder_3") if has_t5 else None,
+        tokenizer_3=tokenizer(T5TokenizerFast, "tokenizer_3") if has_t5 else None,
         **shared)
 
 

@@ -162,7 +162,7 @@ def family(name: str, components=None) -> ModelFamily:
         if components is None:
             return sd3.StableDiffusion3()
         config = components.unet.config
-        return sd3.StableDiffusion3(config.num_layers, config.pooled_projection_dim)
+        return sd3.StableDiffusion3(config.num_layers, config.pooled_projection_dim, config.joint_attention_dim)
     if name == sdxl.StableDiffusionXL.name:
         if components is None:
             return sdxl.StableDiffusionXL()

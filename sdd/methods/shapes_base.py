@@ -2,11 +2,20 @@
 
     loss_vae = || D(E(x) + sigma eps) - x ||^2 + w_kl KL(q(z|x) || N(0, I))
     loss     = E_{t, eps} [ min(SNR(t), gamma) / SNR(t) * || eps - eps_theta(z_t, c, t) ||^2 ],  c = "" w.p. p_empty
+    loss_sd3 = E_{s, eps} [ || (eps - x0) - v_theta((1 - s) x0 + s eps, c, 1000 s) ||^2 ]   (``family: sd3``)
 
 1. ``ShapesVAEMethod``: the AutoencoderKL, on reconstruction (MSE) + a small KL term.
 2. ``ShapesDiffusionMethod``: UNet and text encoder jointly, on the standard epsilon-prediction loss with
    min-SNR-5 weighting (Hang et al. 2023), 10 % empty captions (for classifier-free guidance), and an EMA of the
    weights, which is what gets exported.
+
+``family: sd3`` (``configs/shapes/base_sd3.yaml``) trains the same world's model of the SD3 kind instead
+(:func:`sdd.shapes.model.build_untrained_sd3`: an MMDiT and two CLIP encoders with projections, trained jointly;
+no T5): stage 2 is flow matching (Esser et al. 2024, SD3): x_s = (1 - s) x0 + s eps, target v = eps - x0, the
+transformer called at timestep 1000 s, s drawn logit-normal (or uniform) and moved by the scheduler's shift,
+s' = shift s / (1 + (shift - 1) s), so that training sees the sigmas sampling visits. No min-SNR weighting (SD3's
+logit-normal sampling is its weighting). Same captions, p_empty, EMA and export (a ``StableDiffusion3Pipeline``
+folder).
 
 Images are rendered on the fly from each micro-step's generator; nothing is stored.
 """
@@ -43,6 +52,32 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float)
     return torch.clamp(snr, max=gamma) / snr
 
 
+def flow_noisy(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_s = (1 - s) x0 + s eps, with ``sigma`` (B,) broadcast over (B, C, H, W)."""
+    s = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1 - s) * x0 + s * eps
+
+
+def flow_matching_loss(v: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """|| (eps - x0) - v ||^2, the mean over every entry: flow matching's velocity regression (SD3)."""
+    return F.mse_loss(v.float(), (eps - x0).float())
+
+
+def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """shift s / (1 + (shift - 1) s): FlowMatchEulerDiscreteScheduler's static shift (1: the identity)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sample_sigmas(n: int, generator: torch.Generator, sampling: str = "logit_normal", mean: float = 0.0,
+                  std: float = 1.0, shift: float = 1.0) -> torch.Tensor:
+    """(n,) sigmas in (0, 1): sigmoid(N(mean, std^2)) (SD3's logit-normal) or U(0, 1), then shifted."""
+    if sampling == "logit_normal":
+        u = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    else:
+        u = torch.rand(n, generator=generator)
+    return shift_sigmas(u, shift)
+
+
 def batch_rng(generator: torch.Generator) -> np.random.Generator:
     return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
 
@@ -71,10 +106,29 @@ class DiffusionSettings:
 
 
 @dataclass
+class FlowSettings:
+    """``family: sd3``: how the flow-matching stage draws sigmas, and the model's size."""
+
+    sigma_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    num_layers: int = 4  # MMDiT blocks (the last is context_pre_only)
+    num_attention_heads: int = 4
+    attention_head_dim: int = 16
+    text_layers: int = 3  # each CLIP encoder's
+
+    def __post_init__(self) -> None:
+        check(self.logit_std > 0, "flow.logit_std", "must be > 0")
+        check(self.num_layers >= 1, "flow.num_layers", "must be >= 1")
+
+
+@dataclass
 class ShapesBaseConfig:
     method: Literal["shapes-base"] = "shapes-base"
     output_dir: str = "outputs/shapes-base"
     seed: int = 0  # initial weights
+    family: Literal["sd", "sd3"] = "sd"  # sd: UNet, epsilon, DDIM (model.pretrained: shapes); sd3: MMDiT, flow
+    flow: FlowSettings = field(default_factory=FlowSettings)
     vae_path: Optional[str] = None  # a trained VAE folder: skips stage 1
     vae: VAESettings = field(default_factory=VAESettings)
     diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
@@ -195,6 +249,32 @@ class TextToImage(nn.Module):
         return self.unet(z_t, t, encoder_hidden_states=context).sample
 
 
+class TextToImageSD3(nn.Module):
+    """SD3's transformer and its two CLIP encoders as one trainable module; the conditioning is assembled as
+    ``StableDiffusion3Pipeline.encode_prompt`` does (:func:`sdd.families.sd3.conditioning`); the T5 rows are the
+    zeros the model's zero T5 outputs (:func:`sdd.shapes.model.build_zero_t5`), without running it."""
+
+    def __init__(self, transformer, text_encoder, text_encoder_2):
+        super().__init__()
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+
+    def forward(self, x_s, timestep, input_ids, input_ids_2):
+        from sdd.families import sd3
+
+        hidden, pooled = [], []
+        for encoder, ids in ((self.text_encoder, input_ids), (self.text_encoder_2, input_ids_2)):
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        config = self.transformer.config
+        t5 = hidden[0].new_zeros(len(ids), sd3.MAX_SEQUENCE_LENGTH, config.joint_attention_dim)
+        context = sd3.conditioning(hidden, pooled, t5)
+        return sd3.StableDiffusion3(config.num_layers, config.pooled_projection_dim).denoise(
+            self.transformer, x_s, timestep, context)
+
+
 class ShapesDiffusionMethod:
     def __init__(self, cfg: ShapesBaseConfig, device="cpu", process_index: int = 0, num_processes: int = 1):
         from diffusers import AutoencoderKL
@@ -205,16 +285,26 @@ class ShapesDiffusionMethod:
         self.cfg = cfg
         self.device = device
         vae = AutoencoderKL.from_pretrained(vae_path, use_safetensors=True).to(device).eval().requires_grad_(False)
-        self.base = shapes_model.build_untrained(cfg.seed, vae=vae)
+        if cfg.family == "sd3":
+            f = cfg.flow
+            self.base = shapes_model.build_untrained_sd3(cfg.seed, vae=vae, num_layers=f.num_layers,
+                                                         num_attention_heads=f.num_attention_heads,
+                                                         attention_head_dim=f.attention_head_dim,
+                                                         text_layers=f.text_layers)
+            self.base.text_encoder_2.to(device).train()
+            modules = (self.base.unet, self.base.text_encoder, self.base.text_encoder_2)
+            self.model = TextToImageSD3(*modules)
+        else:
+            self.base = shapes_model.build_untrained(cfg.seed, vae=vae)
+            self.model = TextToImage(self.base.unet, self.base.text_encoder)
         self.base.text_encoder.to(device).train()
         self.base.unet.to(device).train()
-        self.model = TextToImage(self.base.unet, self.base.text_encoder)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self._pairs = (list(self.ema.parameters()), list(self.model.parameters()))
-        self.alphas_cumprod = self.base.scheduler.alphas_cumprod.to(device)
+        self.alphas_cumprod = getattr(self.base.scheduler, "alphas_cumprod", None)
 
-    def tokenize(self, captions):
-        tok = self.base.tokenizer
+    def tokenize(self, captions, tok=None):
+        tok = tok or self.base.tokenizer
         return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                    return_tensors="pt").input_ids.to(self.device)
 
@@ -227,8 +317,11 @@ class ShapesDiffusionMethod:
             posterior = self.base.vae.encode(x).latent_dist
             noise = torch.randn(posterior.mean.shape, generator=generator).to(x.device)
             sample = posterior.mean + posterior.std * noise
-            z0 = sample * self.base.vae.config.scaling_factor
+            z0 = (sample - (self.base.vae.config.shift_factor or 0.0)) * self.base.vae.config.scaling_factor
+        if cfg.family == "sd3":
+            return self.flow_loss(model, z0, captions, generator)
         noise = torch.randn(z0.shape, generator=generator).to(self.device)
+        self.alphas_cumprod = self.alphas_cumprod.to(self.device)
         t = torch.randint(0, len(self.alphas_cumprod), (z0.shape[0],), generator=generator).to(self.device)
         z_t = self.base.scheduler.add_noise(z0, noise, t)
         eps = model(z_t, t, self.tokenize(captions))
@@ -236,6 +329,15 @@ class ShapesDiffusionMethod:
         if cfg.diffusion.min_snr_gamma:
             per_sample = per_sample * min_snr_weights(self.alphas_cumprod, t, cfg.diffusion.min_snr_gamma)
         return per_sample.mean(), {}
+
+    def flow_loss(self, model, z0, captions, generator):
+        f = self.cfg.flow
+        eps = torch.randn(z0.shape, generator=generator).to(self.device)
+        sigma = sample_sigmas(len(z0), generator, f.sigma_sampling, f.logit_mean, f.logit_std,
+                              self.base.scheduler.config.shift).to(self.device)
+        v = model(flow_noisy(z0, eps, sigma), sigma * self.base.scheduler.config.num_train_timesteps,
+                  self.tokenize(captions), self.tokenize(captions, self.base.tokenizer_2))
+        return flow_matching_loss(v, z0, eps), {}
 
     def after_optimizer_step(self):
         ema_update_(*self._pairs, self.cfg.diffusion.ema_decay)
@@ -249,6 +351,9 @@ class ShapesDiffusionMethod:
                 p.copy_(state[f"ema.{n}"])
 
     def ema_components(self):
+        if self.cfg.family == "sd3":
+            return dataclasses.replace(self.base, unet=self.ema.transformer, text_encoder=self.ema.text_encoder,
+                                       text_encoder_2=self.ema.text_encoder_2)
         return dataclasses.replace(self.base, unet=self.ema.unet, text_encoder=self.ema.text_encoder)
 
     def validation_images(self):
@@ -265,10 +370,12 @@ class ShapesDiffusionMethod:
             method="ShapesWorld base model",
             concepts=[],
             steps=self.cfg.train.steps,
-            finetune="UNet + text encoder",
+            finetune="transformer + both text encoders" if self.cfg.family == "sd3" else "UNet + text encoder",
             hyperparameters={"lr": self.cfg.train.lr, "batch_size": self.cfg.train.batch_size,
-                             **dataclasses.asdict(self.cfg.diffusion)},
+                             **dataclasses.asdict(self.cfg.diffusion),
+                             **(dataclasses.asdict(self.cfg.flow) if self.cfg.family == "sd3" else {})},
             exported="EMA of the weights",
         )
-        return export_model(output_dir, self.ema_components(), self.ema.unet, config_yaml=to_yaml(self.cfg),
+        components = self.ema_components()
+        return export_model(output_dir, components, components.unet, config_yaml=to_yaml(self.cfg),
                             card=card)

@@ -65,3 +65,86 @@ def build_untrained(seed: int = 0, vae: AutoencoderKL | None = None) -> SDCompon
         unet, text_encoder = build_unet(), build_text_encoder()
         vae = vae if vae is not None else build_vae()
     return SDComponents(unet, text_encoder, load_tokenizer(), build_scheduler(), vae, source="shapes-untrained")
+
+
+# --- the SD3 kind (model.pretrained: shapes-sd3) -------------------------------------------------------------
+#
+# SD3's architecture scaled down the same way: an SD3Transformer2DModel (MMDiT, 2x2 patches of the 16x16x4
+# latents: 64 image tokens), two CLIPTextModelWithProjection encoders trained jointly with it (an "L" 32 wide and
+# a "G" 48 wide, as G is wider than L; 3 layers each, as the UNet model's encoder) and, in the T5 slot, a T5 that
+# outputs zeros (no layers, its final norm's weight 0; 8 k parameters, frozen): exactly the pipeline's T5-less
+# mode (``text_encoder_3=None`` gives 256 zero rows of ``joint_attention_dim``), which SD3 was trained to support
+# (each encoder dropped independently in its training), while the stock ``from_pretrained`` still finds all three
+# encoders. Training feeds those zero rows directly (the same numbers, without running the T5). The CLIP
+# concatenation is exactly ``joint_attention_dim`` (80) wide, so nothing is padded or cut; the pooled embedding is
+# the two projections (80). Flow matching on FlowMatchEulerDiscreteScheduler with shift 1 (32 px images: SD3's
+# shift 3 is for 1024 px), the VAE of the UNet model (shift 0).
+
+SD3_CLIP_WIDTHS = (32, 48)
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 1.0}
+
+
+def build_sd3_transformer(num_layers: int = 4, num_attention_heads: int = 4, attention_head_dim: int = 16,
+                          patch_size: int = 2):
+    from diffusers import SD3Transformer2DModel
+
+    width = sum(SD3_CLIP_WIDTHS)
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=patch_size, in_channels=4, out_channels=4, num_layers=num_layers,
+        attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+        caption_projection_dim=num_attention_heads * attention_head_dim, joint_attention_dim=width,
+        pooled_projection_dim=width, pos_embed_max_size=16 // patch_size,
+    )
+
+
+def build_sd3_text_encoders(num_hidden_layers: int = 3):
+    from transformers import CLIPTextModelWithProjection
+
+    return tuple(
+        CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=num_hidden_layers,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=49407 if i == 0 else 0, projection_dim=width, hidden_act="gelu",
+            )
+        )
+        for i, width in enumerate(SD3_CLIP_WIDTHS)
+    )
+
+
+def build_zero_t5():
+    """A T5 encoder in the SD3 T5 slot whose output is exactly zero (0 layers, final RMSNorm weight 0)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from sdd.models import tiny_t5_tokenizer
+
+    t5 = T5EncoderModel(T5Config(d_model=sum(SD3_CLIP_WIDTHS), d_ff=8, d_kv=8, num_heads=1, num_layers=0,
+                                 vocab_size=len(tiny_t5_tokenizer()), relative_attention_num_buckets=8))
+    torch.nn.init.zeros_(t5.encoder.final_layer_norm.weight)
+    return t5.eval().requires_grad_(False)
+
+
+def build_sd3_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
+
+
+def build_untrained_sd3(seed: int = 0, vae: AutoencoderKL | None = None, num_layers: int = 4,
+                        num_attention_heads: int = 4, attention_head_dim: int = 16,
+                        text_layers: int = 3) -> SDComponents:
+    from transformers import CLIPTokenizer
+
+    from sdd.models import TOKENIZER_DIR, tiny_t5_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = build_sd3_transformer(num_layers, num_attention_heads, attention_head_dim)
+        text_encoder, text_encoder_2 = build_sd3_text_encoders(text_layers)
+        vae = vae if vae is not None else build_vae()
+    if vae.config.shift_factor is None:  # the SD3 pipeline decodes z / scaling + shift
+        vae.register_to_config(shift_factor=0.0)
+    return SDComponents(transformer, text_encoder, load_tokenizer(), build_sd3_scheduler(), vae,
+                        source="shapes-sd3-untrained", family_name="sd3", text_encoder_2=text_encoder_2,
+                        tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"),
+                        text_encoder_3=build_zero_t5(), tokenizer_3=tiny_t5_tokenizer())
