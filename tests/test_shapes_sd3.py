@@ -1,0 +1,121 @@
+"""The ShapesWorld model of the SD3 kind (``shapes-base`` with ``family: sd3``): the flow-matching math by hand,
+the training module's conditioning against ``StableDiffusion3Pipeline.encode_prompt``, the zero T5, and a few
+training steps that change the transformer and both text encoders and export a folder the stock pipeline and
+``load_components`` load and generate from."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+from sdd import api
+from sdd.families import mmdit
+from sdd.generation import Request, generate
+from sdd.loop import fit, make_accelerator
+from sdd.methods import shapes_base
+from sdd.methods.shapes_base import flow_matching_loss, flow_noisy, sample_sigmas, shift_sigmas
+from sdd.models import SHAPES_MODEL_DIR, load_components
+from sdd.shapes import model as shapes_model
+
+TINY = ["flow.num_layers=2", "flow.num_attention_heads=2", "flow.attention_head_dim=8", "flow.text_layers=1",
+        "train.batch_size=4", "train.lr=1e-3", "train.lr_warmup_steps=0", "train.checkpoint_every=0",
+        "tracking.tracker=none", "tracking.sample_every=0"]
+
+
+def tiny_config(out, *overrides):
+    return api.run_config(str(ROOT / "configs/shapes/base_sd3.yaml"),
+                          [f"output_dir={out}", f"vae_path={SHAPES_MODEL_DIR}/vae", *TINY, *overrides])
+
+
+# --- the math, by hand ---------------------------------------------------------------------------------------
+
+
+def test_flow_noising_and_loss_by_hand():
+    x0 = torch.tensor([[1.0, 2.0]])
+    eps = torch.tensor([[3.0, -1.0]])
+    # x_s = (1 - s) x0 + s eps at s = 1/4: (0.75 + 0.75, 1.5 - 0.25)
+    assert torch.allclose(flow_noisy(x0, eps, torch.tensor([0.25])), torch.tensor([[1.5, 1.25]]))
+    # target v = eps - x0 = (2, -3); v = 0 gives (4 + 9) / 2
+    assert flow_matching_loss(torch.zeros(1, 2), x0, eps).item() == pytest.approx(6.5)
+    assert flow_matching_loss(eps - x0, x0, eps).item() == 0.0
+    # at the ends: s = 0 is the data, s = 1 the noise
+    assert torch.equal(flow_noisy(x0, eps, torch.tensor([0.0])), x0)
+    assert torch.equal(flow_noisy(x0, eps, torch.tensor([1.0])), eps)
+
+
+def test_shift_by_hand_and_as_the_scheduler_shifts():
+    # 3 * 0.5 / (1 + 2 * 0.5) = 0.75; shift 1 is the identity
+    assert shift_sigmas(torch.tensor(0.5), 3.0).item() == pytest.approx(0.75)
+    s = torch.linspace(0.01, 1.0, 7)
+    assert torch.equal(shift_sigmas(s, 1.0), s)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    plain = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    assert torch.allclose(shift_sigmas(plain.sigmas, 3.0), scheduler.sigmas, atol=1e-6)
+
+
+def test_sigma_sampling():
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(sample_sigmas(5, g, "uniform", shift=3.0), shift_sigmas(u, 3.0))
+    n = torch.randn(5, generator=torch.Generator().manual_seed(1))
+    got = sample_sigmas(5, torch.Generator().manual_seed(1), "logit_normal", mean=0.5, std=2.0)
+    assert torch.allclose(got, torch.sigmoid(0.5 + 2.0 * n))
+    many = sample_sigmas(20000, torch.Generator().manual_seed(2))
+    assert 0 < many.min() and many.max() < 1 and abs(many.median().item() - 0.5) < 0.02
+
+
+# --- the model ---------------------------------------------------------------------------------------------------
+
+
+def test_zero_t5_and_training_conditioning_match_the_pipeline(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    method = shapes_base.ShapesDiffusionMethod(cfg)
+    c = method.base
+    ids = c.tokenizer_3(["a red circle", ""], padding="max_length", max_length=256, return_tensors="pt").input_ids
+    assert torch.equal(c.text_encoder_3(ids)[0], torch.zeros(2, 256, c.unet.config.joint_attention_dim))
+    pipe = c.family.pipeline(c)
+    prompts = ["a red circle", ""]
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)
+        ours = c.family.encode(c, prompts)
+    assert torch.equal(ours, mmdit.with_pooled(embeds, pooled))
+    # the training module's forward = the family's denoiser call on the family's conditioning
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        trained = method.model(x, t, method.tokenize(prompts), method.tokenize(prompts, c.tokenizer_2))
+        expected = c.family.denoise(c.unet, x, t, ours)
+    assert torch.allclose(trained, expected, atol=1e-6)
+
+
+def test_a_few_steps_train_transformer_and_both_encoders_and_export_loads(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "train.steps=2")
+    method = shapes_base.ShapesDiffusionMethod(cfg)
+    before = {n: p.detach().clone() for n, p in method.model.named_parameters()}
+    t5_before = {n: p.detach().clone() for n, p in method.base.text_encoder_3.named_parameters()}
+    result = fit(make_accelerator(cfg.train, cfg.tracking, cfg.output_dir), method, cfg)
+    assert result.steps == 2 and np.isfinite(result.final_loss)
+    changed = {n.split(".")[0] for n, p in method.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"transformer", "text_encoder", "text_encoder_2"}
+    for n, p in method.base.text_encoder_3.named_parameters():  # frozen: it outputs zeros
+        assert torch.equal(p, t5_before[n]) and not p.requires_grad
+    folder = tmp_path / "run" / "pipeline"
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, guidance_scale=5.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+    loaded = load_components(str(folder))
+    assert loaded.family_name == "sd3" and loaded.prediction.kind == "flow"
+    assert loaded.vae.config.shift_factor == 0.0 and loaded.scheduler.config.shift == 1.0
+    [ours] = generate(loaded, [Request("a red circle", seed=0, guidance_scale=5.0)], num_inference_steps=2)
+    assert ours.size == (32, 32)
+
+
+def test_shipped_vae_is_reused_unchanged(tmp_path):
+    method = shapes_base.ShapesDiffusionMethod(tiny_config(tmp_path / "run"))
+    shipped = shapes_model.build_vae().__class__.from_pretrained(f"{SHAPES_MODEL_DIR}/vae")
+    for (n, p), q in zip(method.base.vae.named_parameters(), shipped.parameters()):
+        assert torch.equal(p, q), n
+    assert not any(p.requires_grad for p in method.base.vae.parameters())
