@@ -119,3 +119,20 @@ def test_shipped_vae_is_reused_unchanged(tmp_path):
     for (n, p), q in zip(method.base.vae.named_parameters(), shipped.parameters()):
         assert torch.equal(p, q), n
     assert not any(p.requires_grad for p in method.base.vae.parameters())
+
+
+def test_resume_replays_the_straight_run(tmp_path):
+    from conftest import load_script
+    from safetensors.torch import load_file
+
+    main = load_script("train_shapes_base").main
+    config = ["--config", str(ROOT / "configs/shapes/base_sd3.yaml"), f"vae_path={SHAPES_MODEL_DIR}/vae", *TINY]
+    main([*config, f"output_dir={tmp_path / 'straight'}", "train.steps=3"])
+    main([*config, f"output_dir={tmp_path / 'resumed'}", "train.steps=2", "train.checkpoint_every=1"])
+    result = main([*config, f"output_dir={tmp_path / 'resumed'}", "train.steps=3", "train.checkpoint_every=1",
+                   "--resume", "--allow-config-change"])
+    assert result.steps == 3
+    straight, resumed = (load_file(tmp_path / run / "transformer.safetensors") for run in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:  # the exported EMA: its extra state came back with the checkpoint
+        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
