@@ -136,3 +136,23 @@ def test_resume_replays_the_straight_run(tmp_path):
     assert straight.keys() == resumed.keys()
     for key in straight:  # the exported EMA: its extra state came back with the checkpoint
         assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
+
+
+def test_ship_keeps_an_sd3_model_loadable_with_world_words_only(tmp_path):
+    from sdd.shapes.ship import ship, world_token_ids
+
+    cfg = tiny_config(tmp_path / "run", "train.steps=1")
+    method = shapes_base.ShapesDiffusionMethod(cfg)
+    fit(make_accelerator(cfg.train, cfg.tracking, cfg.output_dir), method, cfg)
+    dest = ship(str(tmp_path / "run" / "pipeline"), str(tmp_path / "shipped"))
+    shipped = load_components(dest)
+    assert shipped.family_name == "sd3" and shipped.unet.dtype == torch.float32
+    for encoder, tokenizer in ((shipped.text_encoder, shipped.tokenizer),
+                               (shipped.text_encoder_2, shipped.tokenizer_2)):
+        table = encoder.get_input_embeddings().weight
+        used = sorted(world_token_ids(tokenizer))
+        assert table[used].abs().sum() > 0
+        assert int((table.abs().sum(dim=1) > 0).sum()) == len(used)
+    assert torch.equal(shipped.text_encoder_3(torch.tensor([[5, 6, 1]]))[0], torch.zeros(1, 3, 80))
+    [image] = generate(shipped, [Request("a red circle", seed=0, guidance_scale=5.0)], num_inference_steps=2)
+    assert image.size == (32, 32)
