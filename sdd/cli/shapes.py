@@ -32,7 +32,8 @@ def cmd_bench(args) -> dict:
                            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                            batch_size=args.batch_size, progress=not args.quiet, learned_embeds=args.learned_embeds)
     print(f'\nShapesWorld: erasing "{concept}" ({args.n} images per group, {args.n_retention} for retention; '
-          f"DDIM {args.steps} steps, CFG {args.guidance}; seeds {args.seed}..; 95 % Wilson intervals)")
+          f"{args.steps} steps of the model's sampler, CFG {args.guidance}; seeds {args.seed}..; "
+          "95 % Wilson intervals)")
     print(format_table(concept, report["rows"]))
     for row in report["rows"]:
         print(f"  {row['label']}: {row['seconds']} s")
@@ -86,7 +87,8 @@ def main(argv=None):
                    help="a learned_embeds.safetensors whose token a row's TEXT names (PATH@neg:<warning-hf>)")
     b.add_argument("--n", type=int, default=96, help="images per concept and bare group")
     b.add_argument("--n-retention", type=int, default=192, help="images of prompts without the concepts")
-    b.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    b.add_argument("--steps", type=int, default=25,
+                   help="sampling steps (the model's own sampler: DDIM, or flow-matching Euler)")
     b.add_argument("--guidance", type=float, default=5.0, help="CFG scale")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--batch-size", type=int, default=64)
@@ -107,7 +109,7 @@ def main(argv=None):
     t.add_argument("--curve", action="store_true", help="benchmark every checkpoint, not only up to the target")
     t.add_argument("--n", type=int, default=96)
     t.add_argument("--n-retention", type=int, default=192)
-    t.add_argument("--steps", type=int, default=25, help="DDIM steps of the benchmark")
+    t.add_argument("--steps", type=int, default=25, help="sampling steps of the benchmark")
     t.add_argument("--guidance", type=float, default=5.0)
     t.add_argument("--eval-seed", type=int, default=0, help="the benchmark's first seed (10000: held out)")
     t.add_argument("--out", default="outputs/race", help="folder of the runs, race.json and race.md")
