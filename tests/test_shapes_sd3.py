@@ -89,6 +89,35 @@ def test_zero_t5_and_training_conditioning_match_the_pipeline(tmp_path):
     assert torch.allclose(trained, expected, atol=1e-6)
 
 
+def test_dropping_the_pooled_vectors_feeds_the_empty_prompts_and_keeps_the_token_rows(tmp_path):
+    """flow.p_drop_pooled: a dropped caption's pooled vectors are the empty prompt's, its token rows its own; at 0
+    the loss draws nothing more from the generator (the default run is the run without the option)."""
+    method = shapes_base.ShapesDiffusionMethod(tiny_config(tmp_path / "run"))
+    c = method.base
+    caption = ["a red circle"]
+    with torch.no_grad():
+        full, empty = c.family.encode(c, caption), c.family.encode(c, [""])
+        tokens, _ = mmdit.split_pooled(full, c.unet.config.pooled_projection_dim)
+        _, pooled_empty = mmdit.split_pooled(empty, c.unet.config.pooled_projection_dim)
+        x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0])
+        dropped = method.model(x, t, method.tokenize(caption), method.tokenize(caption, c.tokenizer_2),
+                               pooled_ids=method.tokenize([""]), pooled_ids_2=method.tokenize([""], c.tokenizer_2))
+        expected = c.family.denoise(c.unet, x, t, mmdit.with_pooled(tokens, pooled_empty))
+        kept = c.family.denoise(c.unet, x, t, full)
+    assert torch.allclose(dropped, expected, atol=1e-6) and not torch.allclose(dropped, kept, atol=1e-4)
+    z0 = torch.randn(3, 4, 16, 16)
+    for p, draws in ((0.0, 0), (1.0, 1)):
+        method.cfg.flow.p_drop_pooled = p
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            method.flow_loss(method.model, z0, ["a red circle"] * 3, g)
+        reference = torch.Generator().manual_seed(0)
+        torch.randn(z0.shape, generator=reference), torch.randn(3, generator=reference)  # eps, sigmas
+        for _ in range(draws):
+            torch.rand(3, generator=reference)
+        assert torch.equal(g.get_state(), reference.get_state()), p
+
+
 def test_a_few_steps_train_transformer_and_both_encoders_and_export_loads(tmp_path):
     cfg = tiny_config(tmp_path / "run", "train.steps=2")
     method = shapes_base.ShapesDiffusionMethod(cfg)

@@ -116,6 +116,7 @@ class FlowSettings:
     num_attention_heads: int = 4
     attention_head_dim: int = 16
     text_layers: int = 3  # each CLIP encoder's
+    p_drop_pooled: float = 0.0  # share of captions whose pooled vectors are the empty prompt's (tokens must carry)
 
     def __post_init__(self) -> None:
         check(self.logit_std > 0, "flow.logit_std", "must be > 0")
@@ -260,14 +261,16 @@ class TextToImageSD3(nn.Module):
         self.text_encoder = text_encoder
         self.text_encoder_2 = text_encoder_2
 
-    def forward(self, x_s, timestep, input_ids, input_ids_2):
+    def forward(self, x_s, timestep, input_ids, input_ids_2, pooled_ids=None, pooled_ids_2=None):
+        """``pooled_ids``: other texts' ids for the pooled vectors (``flow.p_drop_pooled``), else the captions'."""
         from sdd.families import sd3
 
         hidden, pooled = [], []
-        for encoder, ids in ((self.text_encoder, input_ids), (self.text_encoder_2, input_ids_2)):
+        for encoder, ids, other in ((self.text_encoder, input_ids, pooled_ids),
+                                    (self.text_encoder_2, input_ids_2, pooled_ids_2)):
             out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
-            pooled.append(out[0])
+            pooled.append(out[0] if other is None else encoder(other)[0])
         config = self.transformer.config
         t5 = hidden[0].new_zeros(len(ids), sd3.MAX_SEQUENCE_LENGTH, config.joint_attention_dim)
         context = sd3.conditioning(hidden, pooled, t5)
@@ -335,8 +338,13 @@ class ShapesDiffusionMethod:
         eps = torch.randn(z0.shape, generator=generator).to(self.device)
         sigma = sample_sigmas(len(z0), generator, f.sigma_sampling, f.logit_mean, f.logit_std,
                               self.base.scheduler.config.shift).to(self.device)
+        pooled = {}
+        if f.p_drop_pooled > 0:  # the pooled vectors of "" for some captions: the token rows must carry the text
+            drop = torch.rand(len(captions), generator=generator) < f.p_drop_pooled
+            texts = ["" if d else c for d, c in zip(drop.tolist(), captions)]
+            pooled = dict(pooled_ids=self.tokenize(texts), pooled_ids_2=self.tokenize(texts, self.base.tokenizer_2))
         v = model(flow_noisy(z0, eps, sigma), sigma * self.base.scheduler.config.num_train_timesteps,
-                  self.tokenize(captions), self.tokenize(captions, self.base.tokenizer_2))
+                  self.tokenize(captions), self.tokenize(captions, self.base.tokenizer_2), **pooled)
         return flow_matching_loss(v, z0, eps), {}
 
     def after_optimizer_step(self):
