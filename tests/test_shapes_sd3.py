@@ -11,6 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from sdd import api
 from sdd.families import mmdit
+from sdd.errors import UserError
 from sdd.generation import Request, generate
 from sdd.loop import fit, make_accelerator
 from sdd.methods import shapes_base
@@ -140,6 +141,26 @@ def test_a_few_steps_train_transformer_and_both_encoders_and_export_loads(tmp_pa
     assert loaded.vae.config.shift_factor == 0.0 and loaded.scheduler.config.shift == 1.0
     [ours] = generate(loaded, [Request("a red circle", seed=0, guidance_scale=5.0)], num_inference_steps=2)
     assert ours.size == (32, 32)
+
+
+def test_flow_shift_moves_training_sigmas_and_is_exported_with_the_sampler(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "train.steps=1", "flow.shift=3.0")
+    method = shapes_base.ShapesDiffusionMethod(cfg)
+    assert method.base.scheduler.config.shift == 3.0
+    seen = []
+    forward = method.model.forward
+    method.model.forward = lambda z, t, *a, **k: seen.append(t.detach().clone()) or forward(z, t, *a, **k)
+    g = torch.Generator().manual_seed(5)
+    z0 = torch.zeros(3, 4, 16, 16)
+    method.flow_loss(method.model, z0, ["a red circle"] * 3, g)
+    reference = torch.Generator().manual_seed(5)
+    torch.randn(z0.shape, generator=reference)  # eps, then the logit-normal draw, shifted by 3
+    expected = shift_sigmas(torch.sigmoid(torch.randn(3, generator=reference)), 3.0) * 1000
+    assert torch.allclose(seen[0], expected)
+    method.export(tmp_path / "out")
+    assert load_components(str(tmp_path / "out" / "pipeline")).scheduler.config.shift == 3.0
+    with pytest.raises(UserError, match="flow.shift"):
+        tiny_config(tmp_path / "bad", "flow.shift=0")
 
 
 def test_shipped_vae_is_reused_unchanged(tmp_path):

@@ -124,15 +124,15 @@ def build_zero_t5():
     return t5.eval().requires_grad_(False)
 
 
-def build_sd3_scheduler():
+def build_sd3_scheduler(shift: float = 1.0):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
+    return FlowMatchEulerDiscreteScheduler(**{**SD3_SCHEDULER_CONFIG, "shift": shift})
 
 
 def build_untrained_sd3(seed: int = 0, vae: AutoencoderKL | None = None, num_layers: int = 4,
                         num_attention_heads: int = 4, attention_head_dim: int = 16,
-                        text_layers: int = 3) -> SDComponents:
+                        text_layers: int = 3, shift: float = 1.0) -> SDComponents:
     from transformers import CLIPTokenizer
 
     from sdd.models import TOKENIZER_DIR, tiny_t5_tokenizer
@@ -144,7 +144,7 @@ def build_untrained_sd3(seed: int = 0, vae: AutoencoderKL | None = None, num_lay
         vae = vae if vae is not None else build_vae()
     if vae.config.shift_factor is None:  # the SD3 pipeline decodes z / scaling + shift
         vae.register_to_config(shift_factor=0.0)
-    return SDComponents(transformer, text_encoder, load_tokenizer(), build_sd3_scheduler(), vae,
+    return SDComponents(transformer, text_encoder, load_tokenizer(), build_sd3_scheduler(shift), vae,
                         source="shapes-sd3-untrained", family_name="sd3", text_encoder_2=text_encoder_2,
                         tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"),
                         text_encoder_3=build_zero_t5(), tokenizer_3=tiny_t5_tokenizer())
