@@ -6,7 +6,7 @@ import torch
 from sdd.config import load_config
 from sdd.errors import ConfigError
 from sdd.loop import make_accelerator, step_generator
-from sdd.methods.sdd import SDDConfig, SDDMethod, erase_texts, sdd_loss
+from sdd.methods.sdd import SDDConfig, SDDMethod, away_from_concept, erase_texts, sdd_loss
 
 
 def build(tiny_args, *overrides):
@@ -70,3 +70,47 @@ def test_each_latent_is_sent_to_its_template_without_the_concept(tiny_args):
 def test_a_template_without_its_slot_is_a_clear_error(tiny_args):
     with pytest.raises(ConfigError, match="sdd.templates"):
         build(tiny_args, "sdd.templates=['a red circle']")
+
+
+# --- sdd.negative_guidance: the target moved away from the concept by the frozen original's direction ----------
+
+
+def test_away_from_concept_by_hand():
+    # eta (concept - rest) = 2 * ((3, 1) - (1, 2)) = (4, -2); SDD's target (0.5, 0.5) minus it: (-3.5, 2.5)
+    away = away_from_concept(torch.tensor([3.0, 1.0]), torch.tensor([1.0, 2.0]), 2.0)
+    assert torch.equal(away, torch.tensor([4.0, -2.0]))
+    # the student at (-3.5, 2.5) is at the target: zero loss; at SDD's own target it is not
+    assert sdd_loss(torch.tensor([-3.5, 2.5]), torch.tensor([0.5, 0.5]) - away).item() == 0.0
+
+
+def test_negative_guidance_sends_the_student_past_the_template_without_the_concept(tiny_args):
+    flags = ["train.batch_size=2", "concepts=[circle]", "sdd.templates=['a red {}']"]
+    _, plain = build(tiny_args, *flags)
+    cfg, method = build(tiny_args, *flags, "sdd.negative_guidance=1.5")
+    assert plain.original is None and method.original is not None  # the frozen copy only where it is needed
+    with torch.no_grad():  # student off the original, so the frozen direction is not the student's own
+        for p in method.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    z_T, k, idx = method.draw(0, step_generator(0, 0, 0))
+    z_t, t, _, c_s = method.sample_latents(method.model, z_T, k, idx)
+    c_rest = method.target_conditioning(idx)
+    with torch.no_grad():
+        orig = lambda c: method.original(z_t, t, encoder_hidden_states=c).sample  # noqa: E731
+        target = method.model(z_t, t, encoder_hidden_states=c_rest).sample - 1.5 * (orig(c_s) - orig(c_rest))
+        by_hand = sdd_loss(method.model(z_t, t, encoder_hidden_states=c_s).sample, target)
+        loss, _ = method.compute_loss(method.model, 0, step_generator(0, 0, 0))
+        sdd_only, _ = plain.compute_loss(method.model, 0, step_generator(0, 0, 0))
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert abs(loss.item() - sdd_only.item()) > 1e-6  # the term is there
+    # the gradient still flows only through the student's concept prediction
+    method.model.zero_grad()
+    loss, _ = method.compute_loss(method.model, 0, step_generator(0, 0, 0))
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.model.parameters())
+    assert all(p.grad is None for p in method.original.parameters())
+
+
+def test_negative_guidance_below_zero_is_a_clear_error(tiny_args):
+    with pytest.raises(ConfigError, match="sdd.negative_guidance"):
+        build(tiny_args, "sdd.negative_guidance=-1")

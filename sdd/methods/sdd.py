@@ -12,6 +12,10 @@ latents, ``preserve_weight * || eps_theta(z_t, c_keep, t) - eps_orig(z_t, c_keep
 frozen model before training and c_keep cycles through the prompts to keep (e.g. the other colours when erasing
 red): what the concept shares with them is held in place while the concept itself is sent to the unconditional.
 
+With ``sdd.negative_guidance`` = eta > 0 (not in the papers; 0 by default) the target moves away from the concept
+along the frozen original's direction, ``sg eps_theta(z_t, c_rest) - eta (eps_orig(z_t, c_s) - eps_orig(z_t, c_rest))``
+(ESD's negative guidance on SDD's latents; docs/METHODS.md section 1.8d).
+
 With ``sdd.adversarial.every`` (robust SDD, after AdvUnlearn's bilevel training; not in the papers; off by
 default) an inner attack runs every few optimizer steps: it learns the input embedding v of a new token so that the
 student, prompted with it, predicts what the original model predicts for the concept on the teacher's latents,
@@ -56,6 +60,12 @@ def sdd_loss(eps_concept: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tenso
     v for a v-prediction model, alpha_bar_t times this in epsilon; a flow model's v (SD3), (1 - sigma)^2 times this
     in epsilon (docs/METHODS.md section 10)."""
     return F.mse_loss(eps_concept.float(), eps_uncond.detach().float())
+
+
+def away_from_concept(eps_orig_concept: torch.Tensor, eps_orig_rest: torch.Tensor, eta: float) -> torch.Tensor:
+    """eta * (eps_orig(z_t, c_s, t) - eps_orig(z_t, c_rest, t)): what ``sdd.negative_guidance`` subtracts from SDD's
+    target, the frozen original's concept direction (ESD's negative guidance, on SDD's latents and target)."""
+    return eta * (eps_orig_concept - eps_orig_rest)
 
 
 @torch.no_grad()
@@ -130,8 +140,13 @@ class SDDSettings:
     # trajectory): R > 1 draws R values of k for each trajectory, runs it to the largest and takes its latent after
     # each, so a batch of B latents costs B / R trajectories; every latent's k has the same distribution as with 1
     latents_per_trajectory: int = 1
+    # eta (not in the papers; 0: SDD's target): the target becomes sg eps_theta(z_t, c_rest) - eta (eps_orig(z_t, c_s)
+    # - eps_orig(z_t, c_rest)) with the frozen original's concept direction (ESD's negative guidance), so the student
+    # is sent past the template without the concept, away from it; docs/METHODS.md section 1.8d
+    negative_guidance: float = 0.0
 
     def __post_init__(self) -> None:
+        check(self.negative_guidance >= 0, "sdd.negative_guidance", f"must be >= 0, got {self.negative_guidance}")
         check(self.ddim_steps >= 1, "sdd.ddim_steps", f"must be >= 1, got {self.ddim_steps}")
         check(self.latents_per_trajectory >= 1, "sdd.latents_per_trajectory",
               f"must be >= 1, got {self.latents_per_trajectory}")
@@ -174,7 +189,8 @@ class SDDMethod:
         self.model.train()
         self.teacher = frozen_copy(self.model, common.share_frozen(cfg.perf))
         # the model as it was, for the preservation term (shares the frozen tensors; costs the trainable ones)
-        needs_original = bool(cfg.sdd.preserve_prompts) or cfg.sdd.adversarial.every > 0
+        needs_original = (bool(cfg.sdd.preserve_prompts) or cfg.sdd.adversarial.every > 0
+                          or cfg.sdd.negative_guidance > 0)
         self.original = frozen_copy(self.model, common.share_frozen(cfg.perf)) if needs_original else None
         apply_to_unet(self.model, cfg.perf, training=True)
         for frozen in (self.teacher, self.original):
@@ -238,8 +254,8 @@ class SDDMethod:
         rows = embeds[len(embeds) - len(self.target_texts):]
         return rows[idx % len(self.target_texts)].repeat_interleave(self.cfg.sdd.latents_per_trajectory, 0)
 
-    def student_loss(self, model, z_t, t, c_uncond, c_s) -> torch.Tensor:
-        """SDD's loss on the student: its concept prediction toward its own unconditional one."""
+    def student_loss(self, model, z_t, t, c_uncond, c_s, away: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """SDD's loss on the student: its concept prediction toward its own unconditional one (minus ``away``)."""
         batch = z_t.shape[0]
         c_uncond = c_uncond.expand(batch, -1, -1)
         if self.cfg.perf.student_passes == "batched":
@@ -249,7 +265,18 @@ class SDDMethod:
             with torch.no_grad():
                 eps_uncond = self.denoise(model, z_t, t, c_uncond)
             eps_concept = self.denoise(model, z_t, t, c_s)
-        return sdd_loss(eps_concept, eps_uncond)
+        return sdd_loss(eps_concept, eps_uncond if away is None else eps_uncond.detach() - away)
+
+    def away(self, z_t, t, c_rest, c_s) -> Optional[torch.Tensor]:
+        """``sdd.negative_guidance``'s term from the frozen original (one batched call), or None when it is 0."""
+        eta = self.cfg.sdd.negative_guidance
+        if eta == 0:
+            return None
+        batch = z_t.shape[0]
+        with torch.no_grad(), sampling_autocast(z_t.device, self.cfg.perf.teacher_precision):
+            eps = self.denoise(self.original, torch.cat([z_t, z_t]), torch.cat([t, t]),
+                               torch.cat([c_rest.expand(batch, -1, -1), c_s]))
+        return away_from_concept(eps[batch:].float(), eps[:batch].float(), eta)
 
     def preserve_conditioning(self, micro_step: int) -> torch.Tensor:
         """The prompts to keep for micro-step ``micro_step``'s latents, round-robin over all processes (no draw)."""
@@ -270,7 +297,8 @@ class SDDMethod:
         z_T, k, idx = self.draw(micro_step, generator)
         with timing.region("sampling"):
             z_t, t, c_uncond, c_s = self.sample_latents(model, z_T, k, idx)
-        loss = self.student_loss(model, z_t, t, self.target_conditioning(idx), c_s)
+        c_rest = self.target_conditioning(idx)
+        loss = self.student_loss(model, z_t, t, c_rest, c_s, self.away(z_t, t, c_rest, c_s))
         logs = {"k": k.float().mean().item()}
         if self.preserve_texts:
             keep = self.preserve_loss(model, z_t, t, self.preserve_conditioning(micro_step))
