@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sdd.config import load_config
-from sdd.errors import ConfigError
+from sdd.errors import ConfigError, UserError
 from sdd.loop import make_accelerator, step_generator
 from sdd.methods.sdd import SDDConfig, SDDMethod, away_from_concept, erase_texts, sdd_loss
 
@@ -114,3 +114,37 @@ def test_negative_guidance_sends_the_student_past_the_template_without_the_conce
 def test_negative_guidance_below_zero_is_a_clear_error(tiny_args):
     with pytest.raises(ConfigError, match="sdd.negative_guidance"):
         build(tiny_args, "sdd.negative_guidance=-1")
+
+
+# --- sdd.concept_templates: several concepts, each erased in its own prompts ------------------------------------
+
+
+def test_concept_templates_by_hand():
+    # red keeps the shared templates (the papers' "{}"), circle has its own; each concept alone, in order
+    student, sampler, targets = erase_texts(["red", "circle"], ["{}"], "paper",
+                                            {"circle": ["{}", "a green {}"]})
+    assert student == sampler == ["red", "circle", "a green circle"]
+    assert targets == ["", "", "a green"]
+    # the roles do not matter: nothing is joined
+    assert erase_texts(["red", "circle"], ["{}"], "official", {"circle": ["a green {}"]}) == (
+        ["red", "a green circle"], ["red", "a green circle"], ["", "a green"])
+
+
+def test_concept_templates_train_each_concept_in_its_prompts(tiny_args):
+    cfg, method = build(tiny_args, "train.batch_size=3", "concepts=[red, circle]",
+                        "sdd.concept_templates={circle: ['{}', 'a green {}']}")
+    enc = method.base.family.encode
+    assert method.student_texts == ["red", "circle", "a green circle"]
+    _, _, idx = method.draw(0, step_generator(0, 0, 0))
+    assert idx.tolist() == [0, 1, 2]  # the round robin over the three (template, concept) pairs
+    _, c_p, c_s = method.conditioning(idx)
+    assert torch.allclose(c_s, enc(method.base, ["red", "circle", "a green circle"]), atol=1e-6)
+    assert torch.allclose(c_p, c_s)
+    assert torch.allclose(method.target_conditioning(idx), enc(method.base, ["", "", "a green"]), atol=1e-6)
+
+
+def test_concept_templates_for_a_concept_not_erased_is_a_clear_error(tiny_args):
+    with pytest.raises(UserError, match="sdd.concept_templates: 'blue' is not one of concepts"):
+        build(tiny_args, "concepts=[red]", "sdd.concept_templates={blue: ['a {}']}")
+    with pytest.raises(ConfigError, match="sdd.concept_templates.red"):
+        build(tiny_args, "concepts=[red]", "sdd.concept_templates={red: ['a red']}")

@@ -75,18 +75,24 @@ def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], decay:
         torch._foreach_lerp_(teacher, student, 1.0 - decay)
 
 
-def erase_texts(concepts, templates, roles: str) -> tuple[list[str], list[str], list[str]]:
+def erase_texts(concepts, templates, roles: str, concept_templates=None) -> tuple[list[str], list[str], list[str]]:
     """The prompts of SDD's roles: (student's c_s, teacher's c_p, targets), aligned by concept index. The papers'
     SDD (``templates == ["{}"]``): c_s = the concepts joined, c_p = one concept, no target texts (the empty
     prompt); ``official`` roles swap c_s and c_p. With templates, each template with the concepts in the same
-    roles, its target the template without them ("a red {}" -> "a red")."""
+    roles, its target the template without them ("a red {}" -> "a red"). ``concept_templates`` (concept -> its
+    own templates; the others keep ``templates``): each concept alone in each of its templates, as c_s and c_p."""
     joined = ", ".join(concepts)
-    if list(templates) == ["{}"]:
-        student, sampler = [joined], list(concepts)
-        return (sampler, student, []) if roles == "official" else (student, sampler, [])
 
     def fill(template: str, text: str) -> str:
         return " ".join(template.replace("{}", text).split())
+
+    if concept_templates:
+        pairs = [(t, c) for c in concepts for t in concept_templates.get(c, templates)]
+        alone = [fill(t, c) for t, c in pairs]
+        return alone, list(alone), [fill(t, "") for t, _ in pairs]
+    if list(templates) == ["{}"]:
+        student, sampler = [joined], list(concepts)
+        return (sampler, student, []) if roles == "official" else (student, sampler, [])
 
     student = [fill(t, joined) for t in templates for _ in concepts]
     sampler = [fill(t, c) for t in templates for c in concepts]
@@ -135,6 +141,10 @@ class SDDSettings:
     # template with the concept, the student's template with the concept is sent to the same template without it
     # ("a red {}": "a red circle" -> "a red"); ["{}"] is the papers' SDD (the concept -> the empty prompt)
     templates: list[str] = field(default_factory=lambda: ["{}"])
+    # several concepts, each in its own prompts (not in the papers): concept -> templates ({red: ["{}"], circle:
+    # ["{}", "a green {}"]}); each concept alone in each of its templates is c_s and c_p, sent to the template
+    # without it; concepts not named keep ``templates`` (docs/METHODS.md section 1.8c)
+    concept_templates: dict[str, list[str]] = field(default_factory=dict)
     adversarial: AdversarialSettings = field(default_factory=AdversarialSettings)
     # training latents from one teacher trajectory (not in the papers; 1: the paper's loop, one latent per
     # trajectory): R > 1 draws R values of k for each trajectory, runs it to the largest and takes its latent after
@@ -156,6 +166,9 @@ class SDDSettings:
         check(all(p.strip() for p in self.preserve_prompts), "sdd.preserve_prompts", "a prompt is empty")
         check(len(self.templates) > 0 and all(t.count("{}") == 1 for t in self.templates), "sdd.templates",
               "each template must contain {} once")
+        for concept, templates in self.concept_templates.items():
+            check(len(templates) > 0 and all(t.count("{}") == 1 for t in templates),
+                  f"sdd.concept_templates.{concept}", "must be templates that each contain {} once")
 
 
 @dataclass
@@ -204,7 +217,11 @@ class SDDMethod:
         )
 
         s = cfg.sdd
-        student_texts, sampler_texts, target_texts = erase_texts(cfg.concepts, s.templates, s.concept_roles)
+        unknown = sorted(set(s.concept_templates) - set(cfg.concepts))
+        if unknown:
+            raise UserError(f"sdd.concept_templates: {unknown[0]!r} is not one of concepts {list(cfg.concepts)}")
+        student_texts, sampler_texts, target_texts = erase_texts(cfg.concepts, s.templates, s.concept_roles,
+                                                                 s.concept_templates)
         self.student_texts, self.sampler_texts, self.target_texts = student_texts, sampler_texts, target_texts
         self.preserve_texts = list(s.preserve_prompts)
         self.texts = common.TextEmbeddings(self.base, ["", *student_texts, *sampler_texts, *self.preserve_texts,
