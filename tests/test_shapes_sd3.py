@@ -10,8 +10,8 @@ from conftest import ROOT
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from sdd import api
-from sdd.families import mmdit
 from sdd.errors import UserError
+from sdd.families import mmdit
 from sdd.generation import Request, generate
 from sdd.loop import fit, make_accelerator
 from sdd.methods import shapes_base
