@@ -139,6 +139,9 @@ def low_frequency_window(height: int, width: int, radius: int, device=None) -> t
     return window
 
 
+REATTENTION_TIE = 1e-4
+
+
 def reattention(
     features_filtered: torch.Tensor, features_original: torch.Tensor, scale: float, radius: int = LOW_FREQUENCY_RADIUS
 ) -> torch.Tensor:
@@ -155,7 +158,9 @@ def reattention(
     f = torch.fft.fftshift(torch.fft.fft2(features_filtered.float()), dim=(-2, -1))
     g = torch.fft.fftshift(torch.fft.fft2(features_original.float()), dim=(-2, -1))
     window = low_frequency_window(f.shape[-2], f.shape[-1], radius, f.device)
-    damp = window & (f.abs() > g.abs())
+    # over-expressed by more than round-off (relative 1e-4): a strict > flips with the last bits of the UNet's
+    # output, which differ between batch sizes on some CPUs, and one flipped map changes the whole trajectory
+    damp = window & (f.abs() > g.abs() * (1 + REATTENTION_TIE))
     out = torch.fft.ifft2(torch.fft.ifftshift(torch.where(damp, f * scale, f), dim=(-2, -1))).real.to(dtype)
     touched = damp.flatten(start_dim=-2).any(dim=-1)[..., None, None]
     return torch.where(touched, out, features_filtered)
