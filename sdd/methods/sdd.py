@@ -181,6 +181,9 @@ class SDDConfig(common.FineTuningConfig):
         super().__post_init__()
         check(self.train.batch_size % self.sdd.latents_per_trajectory == 0, "sdd.latents_per_trajectory",
               f"must divide train.batch_size ({self.train.batch_size}), got {self.sdd.latents_per_trajectory}")
+        for concept in self.sdd.concept_templates:
+            check(concept in self.concepts, f"sdd.concept_templates.{concept}",
+                  f"is not one of concepts {list(self.concepts)}")
 
 
 # --- the method ----------------------------------------------------------------------------------------------
@@ -217,9 +220,6 @@ class SDDMethod:
         )
 
         s = cfg.sdd
-        unknown = sorted(set(s.concept_templates) - set(cfg.concepts))
-        if unknown:
-            raise UserError(f"sdd.concept_templates: {unknown[0]!r} is not one of concepts {list(cfg.concepts)}")
         student_texts, sampler_texts, target_texts = erase_texts(cfg.concepts, s.templates, s.concept_roles,
                                                                  s.concept_templates)
         self.student_texts, self.sampler_texts, self.target_texts = student_texts, sampler_texts, target_texts
