@@ -105,3 +105,50 @@ def test_race_refuses_what_it_cannot_race(tiny_configs, tmp_path):
     uce = run_config(os.path.join(ROOT, "configs", "uce", "shapes_red.yaml"))
     with pytest.raises(UserError, match="closed-form"):
         racing.race([tiny_configs[0], ("uce", uce)], "red", [0], racing.Target(), 2, small_settings(), str(tmp_path))
+
+
+def test_a_checkpoint_that_misses_on_the_concept_is_not_judged_on_retention(tiny_configs, tmp_path, monkeypatch):
+    """The judge runs in two stages: the concept's groups, then retention only where those meet the target; the two
+    stages together are the full benchmark (the same seeds per group, so the same rates). A checkpoint judged in the
+    first stage only is completed when a later target or a curve needs its retention."""
+    from sdd.shapes import bench
+
+    runs = []
+    real_run = bench.run
+    monkeypatch.setattr(racing.bench, "run", lambda rows, settings, *a, **k: runs.append((settings.n,
+                        settings.n_retention)) or real_run(rows, settings, *a, **k))
+    settings = small_settings()
+    base = {"retention_colour": rate(1, 2), "retention_shape": rate(1, 2)}
+    cfg = tiny_configs[1][1]
+
+    def lane(label, target, curve=False):
+        runs.clear()
+        return racing.run_lane(cfg, label, 0, base, settings, target, 2, str(tmp_path), curve=curve, progress=False,
+                               log=lambda _: None)
+
+    never, everything = racing.Target(max_rate=-1.0), racing.Target(max_rate=1.0, band=1.0)
+    missed = lane("a", never)
+    assert runs == [(2, 0)]  # the concept's groups only
+    point = missed.points[0]
+    assert not point.met and "red" in point.why_not and "retention_colour" not in point.metrics
+    assert point.metrics["erased_rate"]["n"] == 2 and point.metrics["bare_rate"]["n"] == 2
+    from dataclasses import replace
+
+    report = racing.summarise([missed, replace(missed, label="b")], ["a", "b"], [0], base, settings, never, 2)
+    row = next(line for line in racing.format_report(report).splitlines() if line.startswith("| a | 0 |"))
+    assert row.endswith("/2 | – | – |")  # its rate on the prompts asking, and empty retention columns
+    assert not lane("a", never).points[0].met and runs == []  # judged before: not again
+    completed = lane("a", everything)
+    assert runs == [(0, 2)] and completed.points[0].met  # the first stage meets this target: retention is added
+    cached = json.load(open(os.path.join(completed.run_dir, "race.json")))["points"]["step-000002"]
+    assert cached == completed.points[0].metrics and cached["retention_colour"]["n"] == 2
+
+    lane("b", never)
+    curve = lane("b", never, curve=True)
+    assert runs == [(0, 2)] and "retention_colour" in curve.points[0].metrics  # a curve shows every column
+
+    staged = lane("c", everything)
+    assert runs == [(2, 0), (0, 2)] and staged.points[0].met
+    folder = os.path.join(staged.run_dir, "checkpoints", "step-000002")
+    full = racing._judge(cfg, staged.run_dir, folder, settings, False)  # one stage: every group in one benchmark
+    assert {k: v["k"] for k, v in full.items()} == {k: v["k"] for k, v in staged.points[0].metrics.items()}

@@ -7,7 +7,10 @@ Each config is trained on each training seed with a checkpoint every ``every`` s
 (what the run would export) and judged by the erasure benchmark (``sdd.shapes.bench``) until the first that meets
 the target: the concept's rate on the prompts that ask for it at most ``max_rate`` (each concept), the other
 prompts' colour and shape accuracy at most ``band`` below the base model's on the same seeds, and the rest of the
-concept's prompts kept in at least ``min_kept`` of its images. Its training seconds (the loop's wall time up to
+concept's prompts kept in at least ``min_kept`` of its images. The benchmark runs in two stages on its usual seeds:
+the concept's groups first, the retention group only for a checkpoint whose concept groups meet the target (most
+early checkpoints miss on the concept, and retention is two thirds of the images); ``curve`` judges every group of
+every checkpoint. Its training seconds (the loop's wall time up to
 that checkpoint, ``seconds`` in the checkpoint's trainer state) are the time to target; the first config is the
 reference (the paper's loop), and every other gets the ratio reference / it per seed and over all seeds (summed
 seconds), beside the same ratio for the whole runs. A config that never meets the target within its steps says so
@@ -23,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 from sdd.config import merge_overrides
@@ -112,8 +115,14 @@ def _checkpoint_state(folder: str) -> dict:
     return state
 
 
-def _judge(cfg, run_dir: str, folder: str, settings: bench.BenchSettings, progress: bool) -> dict:
-    """The benchmark's metrics of checkpoint ``folder``, exported to a scratch folder that is removed after."""
+def _judge(cfg, run_dir: str, folder: str, settings: bench.BenchSettings, progress: bool,
+           target_met: Optional[Callable[[dict], bool]] = None, first: Optional[dict] = None) -> dict:
+    """The benchmark's metrics of checkpoint ``folder``, exported to a scratch folder that is removed after.
+
+    With ``target_met`` the benchmark runs in two stages on the same seeds: the concept's own groups first (a third
+    of the images), and the retention group only where those meet the target; a checkpoint that misses it already
+    is returned with the first stage's metrics alone (its retention columns stay empty). ``first``: the first
+    stage's metrics from before, completed with the retention group."""
     scratch = os.path.join(run_dir, "race-export")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
@@ -122,9 +131,25 @@ def _judge(cfg, run_dir: str, folder: str, settings: bench.BenchSettings, progre
             raise UserError(f"sdd-shapes race: {run_dir} exports no pipeline (export.format=single-file?), so its "
                             "checkpoints cannot be benchmarked")
         row = bench.parse_row(os.path.basename(folder), written["pipeline"])
-        return bench.run([row], settings, None, progress=progress)["rows"][0]["metrics"]
+
+        def metrics(s: bench.BenchSettings) -> dict:
+            return bench.run([row], s, None, progress=progress)["rows"][0]["metrics"]
+
+        if target_met is None and first is None:
+            return metrics(settings)
+        # each group's seeds count from settings.seed on their own, so the two stages are the full benchmark split
+        if first is None:
+            first = metrics(replace(settings, n_retention=0))
+            if not target_met(first):
+                return first
+        return {**first, **metrics(replace(settings, n=0))}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _complete(metrics: dict) -> bool:
+    """Whether a judged checkpoint has the retention group (not only the first stage of a two-stage judge)."""
+    return "retention_colour" in metrics
 
 
 def run_lane(cfg, label: str, seed: int, base: dict, settings: bench.BenchSettings, target: Target, every: int,
@@ -148,8 +173,12 @@ def run_lane(cfg, label: str, seed: int, base: dict, settings: bench.BenchSettin
     for folder in checkpoints:
         state = _checkpoint_state(folder)
         name = os.path.basename(folder)
-        if name not in cache:
-            cache[name] = _judge(cfg, run_dir, folder, settings, progress)
+        def meets(metrics: dict) -> bool:
+            return not check(metrics, base, concepts, target)
+
+        partial = cache.get(name) if name in cache and not _complete(cache[name]) else None
+        if name not in cache or (partial is not None and (curve or meets(partial))):
+            cache[name] = _judge(cfg, run_dir, folder, settings, progress, None if curve else meets, partial)
             write_json(cache_path, {"settings": key, "points": cache})
         why = check(cache[name], base, concepts, target)
         lane.points.append(Point(state["step"], state["seconds"], cache[name], not why, why))
