@@ -7,14 +7,15 @@ Each config is trained on each training seed with a checkpoint every ``every`` s
 (what the run would export) and judged by the erasure benchmark (``sdd.shapes.bench``) until the first that meets
 the target: the concept's rate on the prompts that ask for it at most ``max_rate`` (each concept), the other
 prompts' colour and shape accuracy at most ``band`` below the base model's on the same seeds, and the rest of the
-concept's prompts kept in at least ``min_kept`` of its images. The benchmark runs in two stages on its usual seeds:
-the concept's groups first, the retention group only for a checkpoint whose concept groups meet the target (most
-early checkpoints miss on the concept, and retention is two thirds of the images); ``curve`` judges every group of
-every checkpoint. Its training seconds (the loop's wall time up to
-that checkpoint, ``seconds`` in the checkpoint's trainer state) are the time to target; the first config is the
+concept's prompts kept in at least ``min_kept`` of its images. That checkpoint's training seconds (the loop's wall
+time up to it, ``seconds`` in the checkpoint's trainer state) are the time to target; the first config is the
 reference (the paper's loop), and every other gets the ratio reference / it per seed and over all seeds (summed
 seconds), beside the same ratio for the whole runs. A config that never meets the target within its steps says so
 with its last checkpoint's numbers.
+
+The benchmark runs in two stages on its usual seeds: the concept's groups first, the retention group only for a
+checkpoint whose concept groups meet the target (most early checkpoints miss on the concept, and retention is two
+thirds of the images); ``curve`` judges every group of every checkpoint.
 
 Training runs one after another in this process, so every config sees the same machine in the same run. The race
 resumes: a finished training run (``train_summary.json``) is not trained again, an interrupted one continues from
@@ -170,12 +171,13 @@ def run_lane(cfg, label: str, seed: int, base: dict, settings: bench.BenchSettin
     checkpoints = list_checkpoints(run_dir)
     lane = Lane(label, seed, run_dir, _checkpoint_state(checkpoints[-1])["seconds"])
     concepts = bench.concepts_of(settings.concept)
+
+    def meets(metrics: dict) -> bool:
+        return not check(metrics, base, concepts, target)
+
     for folder in checkpoints:
         state = _checkpoint_state(folder)
         name = os.path.basename(folder)
-        def meets(metrics: dict) -> bool:
-            return not check(metrics, base, concepts, target)
-
         partial = cache.get(name) if name in cache and not _complete(cache[name]) else None
         if name not in cache or (partial is not None and (curve or meets(partial))):
             cache[name] = _judge(cfg, run_dir, folder, settings, progress, None if curve else meets, partial)
