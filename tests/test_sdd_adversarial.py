@@ -68,6 +68,32 @@ def test_the_inner_attack_lowers_its_own_loss_and_the_term_joins_the_loss(tiny_a
     assert loss.item() == pytest.approx(erase.item() + adv.item(), rel=1e-5)
 
 
+def test_the_gate_keeps_the_term_only_where_the_attack_brings_the_concept_back(tiny_args, monkeypatch):
+    method = build(tiny_args, "train.batch_size=2", "sdd.adversarial.gate=true")
+    z_t, t, c_uncond, c_s = method.sample_latents(method.model, *method.draw(0, step_generator(0, 0, 0)))
+    c_concept = method.conditioning(torch.zeros(2, dtype=torch.long))[1]
+    c_rest = c_uncond.expand(2, -1, -1)
+    # before training the student is the original: the concept's own conditioning is at distance 0 (a hit), the
+    # template without it is farther (a miss), and a conditioning no closer than the template is a miss
+    assert method.adversary.succeeded(method.model, method.original, z_t, t, c_concept, c_rest, c_concept).all()
+    assert not method.adversary.succeeded(method.model, method.original, z_t, t, c_rest, c_rest, c_concept).any()
+
+    def loss_with(mask):
+        monkeypatch.setattr(method.adversary, "succeeded", lambda *a: torch.tensor(mask))
+        return method.compute_loss(method.model, 0, step_generator(0, 0, 0))
+
+    loss, logs = loss_with([True, False])  # the inner attack runs here (every step)
+    with torch.no_grad():
+        erase = method.student_loss(method.model, z_t, t, c_uncond, c_s)
+        c_adv, c_rest = method.adversary.conditioning(2, 0)  # the vector the attack found
+        on_first = method.student_loss(method.model, z_t[:1], t[:1], c_rest[:1], c_adv[:1])
+    assert logs["adversarial_gate"] == 0.5
+    assert loss.item() == pytest.approx(erase.item() + 0.5 * on_first.item(), rel=1e-5)
+    loss, logs = loss_with([False, False])
+    assert logs["adversarial_gate"] == 0.0 and float(logs["loss_adversarial"]) == 0.0
+    assert loss.item() == pytest.approx(erase.item(), rel=1e-6)
+
+
 def test_resume_is_the_same_run_and_the_export_has_no_adversarial_token(train_sdd, tiny_args, tmp_path, monkeypatch):
     args = [*ADV, "train.steps=4", "train.checkpoint_every=2"]
     train_sdd.main(tiny_args(*args, out=tmp_path / "straight"))

@@ -99,3 +99,44 @@ def test_an_empty_prompt_to_keep_is_a_clear_error(tiny_args):
         build(tiny_args, "sdd.preserve_prompts=['a dog', ' ']")
     with pytest.raises(ConfigError, match="sdd.preserve_weight"):
         build(tiny_args, "sdd.preserve_prompts=['a dog']", "sdd.preserve_weight=-1")
+
+
+def test_own_latents_are_the_teachers_trajectories_toward_the_prompts_to_keep(tiny_args):
+    """``sdd.preserve_latents=own``: the term is evaluated on latents the EMA teacher samples toward the prompt to
+    keep (noise drawn after the concept's draws, the same k), each trajectory's latents with its own prompt."""
+    cfg, _, method = build(tiny_args, *keep_flag(weight=2.5), "sdd.preserve_latents=own", "train.batch_size=4",
+                           "sdd.latents_per_trajectory=2")
+    with torch.no_grad():
+        for p in method.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    keep_embeds = method.texts.get()[-len(KEEP):]
+    generator = step_generator(0, 0, 2)
+    z_T, k, idx = method.draw(2, generator)
+    assert k.shape == (2, 2)
+    z_keep_T = torch.randn((2, *method.latent_shape), generator=generator)  # what follows draw()'s draws
+    # micro-step 2, two trajectories a step, one process: trajectories 4 and 5 of the run -> prompts 1 and 2
+    c_traj = keep_embeds[[1, 2]]
+    from sdd.sampling import sample_to_k
+
+    z_keep, t_keep = sample_to_k(method.teacher, method.scheduler, z_keep_T, c_traj, method.texts.get()[:1],
+                                 cfg.sdd.guidance_scale, k)
+    c_keep = c_traj.repeat_interleave(2, 0)  # the latents of a trajectory share its prompt
+    z_t, t, c_uncond, c_s = method.sample_latents(method.model, z_T, k, idx)
+    with torch.no_grad():
+        by_hand = sdd_loss(method.model(z_keep, t_keep, encoder_hidden_states=c_keep).sample,
+                           method.original(z_keep, t_keep, encoder_hidden_states=c_keep).sample)
+        on_concept = sdd_loss(method.model(z_t, t, encoder_hidden_states=method.preserve_conditioning(2)).sample,
+                              method.original(z_t, t, encoder_hidden_states=method.preserve_conditioning(2)).sample)
+        erase = method.student_loss(method.model, z_t, t, c_uncond, c_s)
+        loss, logs = method.compute_loss(method.model, 2, step_generator(0, 0, 2))
+    assert not torch.equal(z_keep, z_t)
+    assert by_hand.item() > 0 and by_hand.item() != pytest.approx(on_concept.item(), rel=1e-3)
+    assert float(logs["loss_preserve"]) == pytest.approx(by_hand.item(), rel=1e-6)
+    assert float(logs["loss_erase"]) == pytest.approx(erase.item(), rel=1e-6)  # the erasure's draws are unchanged
+    assert loss.item() == pytest.approx(erase.item() + 2.5 * by_hand.item(), rel=1e-6)
+
+
+def test_own_latents_without_prompts_to_keep_is_a_clear_error(tiny_args):
+    with pytest.raises(ConfigError, match="sdd.preserve_latents.*preserve_prompts"):
+        build(tiny_args, "sdd.preserve_latents=own")

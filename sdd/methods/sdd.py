@@ -11,6 +11,8 @@ With ``sdd.preserve_prompts`` (not in the papers; off by default) the loss gains
 latents, ``preserve_weight * || eps_theta(z_t, c_keep, t) - eps_orig(z_t, c_keep, t) ||^2``, where eps_orig is the
 frozen model before training and c_keep cycles through the prompts to keep (e.g. the other colours when erasing
 red): what the concept shares with them is held in place while the concept itself is sent to the unconditional.
+``sdd.preserve_latents=own`` evaluates the term instead on latents the EMA teacher samples toward c_keep (the same
+k, one more trajectory per trajectory): where the model goes when it draws the prompts to keep.
 
 With ``sdd.negative_guidance`` = eta > 0 (not in the papers; 0 by default) the target moves away from the concept
 along the frozen original's direction, ``sg eps_theta(z_t, c_rest) - eta (eps_orig(z_t, c_s) - eps_orig(z_t, c_rest))``
@@ -28,7 +30,8 @@ bring the concept back are sent where the concept word's are, c_rest the templat
 circle" -> "a circle"; "{}" -> the empty prompt, SDD's own target; ``adversarial.target=unconditional`` always
 the empty prompt). c(v) encodes each of ``adversarial.templates`` with the
 token; v* starts from the last one found (or the concept's embedding at the first attack) and is kept in the
-checkpoint.
+checkpoint. ``adversarial.gate`` keeps the term only on the latents where c(v*) brings the student closer to
+eps_orig(z_t, c_p, t) than c_rest does (where the attack succeeded).
 
 ``t`` is the grid timestep of the latent the student sees (the official code's k = 0 case, which ran the full
 trajectory and then queried t ~ 990, does not exist here). ``concept_roles='official'`` swaps c_s and c_p as
@@ -114,6 +117,9 @@ class AdversarialSettings:
     # what c(v*) is sent to: the template without the token ("a {} circle" -> "a circle", "{}" -> the empty prompt),
     # or always the unconditional prediction
     target: Literal["template", "unconditional"] = "template"
+    # the term only on the latents where the attack succeeded: c(v*) brings the student closer to the original's
+    # concept prediction than the template without the token (false: on every latent, AdvUnlearn's)
+    gate: bool = False
 
     def __post_init__(self) -> None:
         check(self.every >= 0 and self.warmup >= 0 and self.steps >= 1, "sdd.adversarial",
@@ -137,6 +143,10 @@ class SDDSettings:
     resolution: Optional[int] = None  # image size; default: the model's
     preserve_prompts: list[str] = field(default_factory=list)  # predictions held at the frozen original's
     preserve_weight: float = 1.0  # lambda of the preservation term (used only with preserve_prompts)
+    # where the preservation term is evaluated (not in the papers): "concept", on the latents the teacher sampled
+    # toward the concept (the erasure's own batch); "own", on latents the teacher samples toward the prompts to keep
+    # (one more trajectory per trajectory, same k), where the model goes when it draws them (docs/METHODS.md §1.8)
+    preserve_latents: Literal["concept", "own"] = "concept"
     # prompts the concept is erased in ({} = the concept; not in the papers): the teacher samples toward each
     # template with the concept, the student's template with the concept is sent to the same template without it
     # ("a red {}": "a red circle" -> "a red"); ["{}"] is the papers' SDD (the concept -> the empty prompt)
@@ -164,6 +174,8 @@ class SDDSettings:
         check(self.beta_a > 0 and self.beta_b > 0, "sdd.beta_a/beta_b", "must be > 0")
         check(self.preserve_weight >= 0, "sdd.preserve_weight", f"must be >= 0, got {self.preserve_weight}")
         check(all(p.strip() for p in self.preserve_prompts), "sdd.preserve_prompts", "a prompt is empty")
+        check(self.preserve_latents == "concept" or bool(self.preserve_prompts), "sdd.preserve_latents",
+              "'own' samples toward the prompts to keep; set sdd.preserve_prompts")
         check(len(self.templates) > 0 and all(t.count("{}") == 1 for t in self.templates), "sdd.templates",
               "each template must contain {} once")
         for concept, templates in self.concept_templates.items():
@@ -297,10 +309,29 @@ class SDDMethod:
 
     def preserve_conditioning(self, micro_step: int) -> torch.Tensor:
         """The prompts to keep for micro-step ``micro_step``'s latents, round-robin over all processes (no draw)."""
-        batch = self.cfg.train.batch_size
-        offset = common.sample_offset(micro_step, self.process_index, self.num_processes, batch)
-        keep = concept_indices("iterative", len(self.preserve_texts), batch, offset, None)
-        return self.texts.get()[1 + len(self.student_texts) + len(self.sampler_texts) :][keep]
+        return self.keep_embeds()[self.keep_indices(micro_step, self.cfg.train.batch_size)]
+
+    def keep_embeds(self) -> torch.Tensor:
+        start = 1 + len(self.student_texts) + len(self.sampler_texts)
+        return self.texts.get()[start : start + len(self.preserve_texts)]
+
+    def keep_indices(self, micro_step: int, n: int) -> torch.Tensor:
+        offset = common.sample_offset(micro_step, self.process_index, self.num_processes, n)
+        return concept_indices("iterative", len(self.preserve_texts), n, offset, None)
+
+    def sample_keep_latents(self, micro_step: int, generator: torch.Generator, k: torch.Tensor):
+        """``sdd.preserve_latents=own``: latents the EMA teacher samples toward the prompts to keep, one trajectory
+        per concept trajectory (its own z_T, drawn after ``draw``'s, and the same k), the prompts round-robin over
+        trajectories and processes; returns (z_t, t, c_keep), c_keep the prompt of each latent's trajectory."""
+        trajectories = k.shape[0]
+        z_T = torch.randn((trajectories, *self.latent_shape), generator=generator)
+        c_keep = self.keep_embeds()[self.keep_indices(micro_step, trajectories)]
+        c_uncond = self.texts.get()[:1]
+        with sampling_autocast(c_uncond.device, self.cfg.perf.teacher_precision):
+            z_t, t = sample_to_k(self.teacher, self.scheduler, z_T.to(c_uncond.device), c_keep, c_uncond,
+                                 self.cfg.sdd.guidance_scale, k, denoise=self.denoise,
+                                 distilled=self.base.family.guidance_distilled)
+        return z_t.float(), t, c_keep.repeat_interleave(self.cfg.sdd.latents_per_trajectory, 0)
 
     def preserve_loss(self, model, z_t, t, c_keep) -> torch.Tensor:
         """The preservation term: the student's predictions for prompts to keep toward the frozen original's."""
@@ -318,7 +349,12 @@ class SDDMethod:
         loss = self.student_loss(model, z_t, t, c_rest, c_s, self.away(z_t, t, c_rest, c_s))
         logs = {"k": k.float().mean().item()}
         if self.preserve_texts:
-            keep = self.preserve_loss(model, z_t, t, self.preserve_conditioning(micro_step))
+            if self.cfg.sdd.preserve_latents == "own":
+                with timing.region("sampling"):
+                    z_keep, t_keep, c_keep = self.sample_keep_latents(micro_step, generator, k)
+                keep = self.preserve_loss(model, z_keep, t_keep, c_keep)
+            else:
+                keep = self.preserve_loss(model, z_t, t, self.preserve_conditioning(micro_step))
             # tensors, not floats: the loop reads them only when it logs (no device sync every step)
             logs.update({"loss_erase": loss.detach(), "loss_preserve": keep.detach()})
             loss = loss + self.cfg.sdd.preserve_weight * keep
@@ -333,7 +369,16 @@ class SDDMethod:
                                                                 self.conditioning(idx)[1])
             if self.adversary.found:
                 c_adv, c_rest = self.adversary.conditioning(z_t.shape[0], micro_step)
-                adv = self.student_loss(model, z_t, t, c_uncond if a.target == "unconditional" else c_rest, c_adv)
+                target = (c_uncond if a.target == "unconditional" else c_rest).expand(z_t.shape[0], -1, -1)
+                if a.gate:
+                    hit = self.adversary.succeeded(model, self.original, z_t, t, c_adv, c_rest,
+                                                   self.conditioning(idx)[1])
+                    logs["adversarial_gate"] = hit.float().mean().item()
+                    # the term over the latents where c(v*) brings the concept back, as a share of the batch
+                    adv = (self.student_loss(model, z_t[hit], t[hit], target[hit], c_adv[hit]) * hit.float().mean()
+                           if hit.any() else z_t.new_zeros(()))
+                else:
+                    adv = self.student_loss(model, z_t, t, target, c_adv)
                 logs["loss_adversarial"] = adv.detach()
                 loss = loss + a.weight * adv
         return loss, logs
@@ -435,6 +480,18 @@ class Adversary:
             optimizer.step()
         self.vector, self.found, self._encoded = v.detach(), True, None
         return loss.detach()
+
+    @torch.no_grad()
+    def succeeded(self, student, original, z_t, t, c_adv, c_rest, c_concept) -> torch.Tensor:
+        """Per latent: does c(v*) bring the student closer to the original's concept prediction than the template
+        without the token does (``adversarial.gate``)?"""
+        denoise = self.base.family.denoise
+        target = denoise(original, z_t, t, c_concept).float()
+
+        def distance(c):
+            return (denoise(student, z_t, t, c).float() - target).pow(2).flatten(1).mean(1)
+
+        return distance(c_adv) < distance(c_rest)
 
     def conditioning(self, batch: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """c(v*) for the latents of a micro-step, the templates in turn, and their templates without the token."""
