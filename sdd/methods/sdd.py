@@ -373,9 +373,10 @@ class SDDMethod:
                 if a.gate:
                     hit = self.adversary.succeeded(model, self.original, z_t, t, c_adv, c_rest,
                                                    self.conditioning(idx)[1])
-                    logs["adversarial_gate"] = hit.float().mean().item()
+                    share = hit.float().mean()  # logged as a tensor, as the losses are (no sync every step)
+                    logs["adversarial_gate"] = share
                     # the term over the latents where c(v*) brings the concept back, as a share of the batch
-                    adv = (self.student_loss(model, z_t[hit], t[hit], target[hit], c_adv[hit]) * hit.float().mean()
+                    adv = (self.student_loss(model, z_t[hit], t[hit], target[hit], c_adv[hit]) * share
                            if hit.any() else z_t.new_zeros(()))
                 else:
                     adv = self.student_loss(model, z_t, t, target, c_adv)
