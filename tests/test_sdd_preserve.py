@@ -8,6 +8,7 @@ from sdd.config import load_config
 from sdd.errors import ConfigError
 from sdd.loop import fit, make_accelerator, step_generator
 from sdd.methods.sdd import SDDConfig, SDDMethod, sdd_loss
+from sdd.sampling import sample_to_k
 
 KEEP = ["a photo of a dog", "a landscape", "a red car"]
 
@@ -117,8 +118,6 @@ def test_own_latents_are_the_teachers_trajectories_toward_the_prompts_to_keep(ti
     z_keep_T = torch.randn((2, *method.latent_shape), generator=generator)  # what follows draw()'s draws
     # micro-step 2, two trajectories a step, one process: trajectories 4 and 5 of the run -> prompts 1 and 2
     c_traj = keep_embeds[[1, 2]]
-    from sdd.sampling import sample_to_k
-
     z_keep, t_keep = sample_to_k(method.teacher, method.scheduler, z_keep_T, c_traj, method.texts.get()[:1],
                                  cfg.sdd.guidance_scale, k)
     c_keep = c_traj.repeat_interleave(2, 0)  # the latents of a trajectory share its prompt

@@ -261,11 +261,17 @@ class SDDMethod:
         the conditionings the student needs (c_uncond, c_s), one per latent."""
         s = self.cfg.sdd
         c_uncond, c_p, c_s = self.conditioning(idx)
-        z_T = z_T.to(c_uncond.device)
+        z_t, t = self.teacher_sample(z_T, c_p, k)
+        return z_t, t, c_uncond, c_s.repeat_interleave(s.latents_per_trajectory, 0)
+
+    def teacher_sample(self, z_T, c_cond, k):
+        """(z_t, t): the EMA teacher's guided partial sampling from ``z_T`` toward ``c_cond`` for ``k`` steps."""
+        c_uncond = self.texts.get()[:1]
         with sampling_autocast(c_uncond.device, self.cfg.perf.teacher_precision):
-            z_t, t = sample_to_k(self.teacher, self.scheduler, z_T, c_p, c_uncond, s.guidance_scale, k,
-                                 denoise=self.denoise, distilled=self.base.family.guidance_distilled)
-        return z_t.float(), t, c_uncond, c_s.repeat_interleave(s.latents_per_trajectory, 0)
+            z_t, t = sample_to_k(self.teacher, self.scheduler, z_T.to(c_uncond.device), c_cond, c_uncond,
+                                 self.cfg.sdd.guidance_scale, k, denoise=self.denoise,
+                                 distilled=self.base.family.guidance_distilled)
+        return z_t.float(), t
 
     def conditioning(self, idx: torch.Tensor):
         """(c_uncond, c_p, c_s) for concept indices ``idx``."""
@@ -326,12 +332,8 @@ class SDDMethod:
         trajectories = k.shape[0]
         z_T = torch.randn((trajectories, *self.latent_shape), generator=generator)
         c_keep = self.keep_embeds()[self.keep_indices(micro_step, trajectories)]
-        c_uncond = self.texts.get()[:1]
-        with sampling_autocast(c_uncond.device, self.cfg.perf.teacher_precision):
-            z_t, t = sample_to_k(self.teacher, self.scheduler, z_T.to(c_uncond.device), c_keep, c_uncond,
-                                 self.cfg.sdd.guidance_scale, k, denoise=self.denoise,
-                                 distilled=self.base.family.guidance_distilled)
-        return z_t.float(), t, c_keep.repeat_interleave(self.cfg.sdd.latents_per_trajectory, 0)
+        z_t, t = self.teacher_sample(z_T, c_keep, k)
+        return z_t, t, c_keep.repeat_interleave(self.cfg.sdd.latents_per_trajectory, 0)
 
     def preserve_loss(self, model, z_t, t, c_keep) -> torch.Tensor:
         """The preservation term: the student's predictions for prompts to keep toward the frozen original's."""
@@ -363,16 +365,15 @@ class SDDMethod:
             idx = idx.repeat_interleave(self.cfg.sdd.latents_per_trajectory)  # the concept of each latent
             step = micro_step // self.cfg.train.gradient_accumulation_steps
             first_micro = micro_step % self.cfg.train.gradient_accumulation_steps == 0
+            c_concept = self.conditioning(idx)[1]
             if first_micro and step >= a.warmup and (step - a.warmup) % a.every == 0:
                 with timing.region("attack"):
-                    logs["loss_attack"] = self.adversary.attack(self.model, self.original, z_t, t,
-                                                                self.conditioning(idx)[1])
+                    logs["loss_attack"] = self.adversary.attack(self.model, self.original, z_t, t, c_concept)
             if self.adversary.found:
                 c_adv, c_rest = self.adversary.conditioning(z_t.shape[0], micro_step)
                 target = (c_uncond if a.target == "unconditional" else c_rest).expand(z_t.shape[0], -1, -1)
                 if a.gate:
-                    hit = self.adversary.succeeded(model, self.original, z_t, t, c_adv, c_rest,
-                                                   self.conditioning(idx)[1])
+                    hit = self.adversary.succeeded(model, self.original, z_t, t, c_adv, c_rest, c_concept)
                     share = hit.float().mean()  # logged as a tensor, as the losses are (no sync every step)
                     logs["adversarial_gate"] = share
                     # the term over the latents where c(v*) brings the concept back, as a share of the batch
