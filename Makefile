@@ -22,7 +22,7 @@ install: $(BIN)/.installed-$(EXTRAS)
 quickstart: install
 	rm -rf outputs/quickstart  # a scratch run: start it afresh each time
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-	  train/train_sdd.py --config configs/sdd/shapes_red_keep.yaml output_dir=outputs/quickstart/sdd-red
+	  train/train_sdd.py --config configs/sdd/shapes_red_fast.yaml output_dir=outputs/quickstart/sdd-red
 	$(BIN)/sdd-shapes bench --model base=shapes --model sdd=outputs/quickstart/sdd-red/pipeline --concept red \
 	  --out outputs/quickstart/bench
 
