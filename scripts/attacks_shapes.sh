@@ -33,7 +33,7 @@ bench() {  # output folder, guidance, models...
   fi
 }
 
-# the models: the quick start's (SDD + preservation) and robust SDD, per training seed
+# the models: shapes_red_keep.yaml's (SDD + preservation, the quick start's config when measured) and robust SDD, per training seed
 models=()
 for seed in $SEEDS; do
   train configs/sdd/shapes_red_keep.yaml "$OUT/models/keep-s$seed" "$seed"
