@@ -119,6 +119,32 @@ def test_dropping_the_pooled_vectors_feeds_the_empty_prompts_and_keeps_the_token
         assert torch.equal(g.get_state(), reference.get_state()), p
 
 
+def test_text_init_starts_clip_l_from_the_unet_models_encoder(tmp_path):
+    """flow.text_init: CLIP-L's text model is the given CLIPTextModel's (its final states equal), the projection
+    the identity (the pooled vector is the EOS row's final state), CLIP-G stays drawn from the seed; a folder that
+    is no CLIPTextModel, or one of another width, is one clear error."""
+    from transformers import CLIPTextModel
+
+    source = f"{SHAPES_MODEL_DIR}/text_encoder"
+    cfg = tiny_config(tmp_path / "run", "flow.text_layers=3", f"flow.text_init={source}")
+    c = shapes_base.ShapesDiffusionMethod(cfg).base
+    plain = shapes_base.ShapesDiffusionMethod(tiny_config(tmp_path / "plain", "flow.text_layers=3")).base
+    src = CLIPTextModel.from_pretrained(source)
+    ids = c.tokenizer(["a red circle", "a blue square"], padding="max_length", max_length=77,
+                      return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours, theirs = c.text_encoder(ids), src(ids)
+    assert torch.equal(ours.last_hidden_state, theirs.last_hidden_state)
+    assert torch.equal(ours.text_embeds, theirs.pooler_output)
+    assert not torch.equal(ours.text_embeds[0], ours.text_embeds[1])
+    for p, q in zip(c.text_encoder_2.parameters(), plain.text_encoder_2.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(UserError, match="flow.text_init: not a CLIPTextModel folder"):
+        shapes_base.ShapesDiffusionMethod(tiny_config(tmp_path / "bad", f"flow.text_init={tmp_path}"))
+    with pytest.raises(UserError, match="flow.text_init: .* has num_hidden_layers 3, CLIP-L needs 1"):
+        shapes_base.ShapesDiffusionMethod(tiny_config(tmp_path / "bad", f"flow.text_init={source}"))
+
+
 def test_a_few_steps_train_transformer_and_both_encoders_and_export_loads(tmp_path):
     cfg = tiny_config(tmp_path / "run", "train.steps=2")
     method = shapes_base.ShapesDiffusionMethod(cfg)

@@ -118,6 +118,7 @@ class FlowSettings:
     text_layers: int = 3  # each CLIP encoder's
     p_drop_pooled: float = 0.0  # share of captions whose pooled vectors are the empty prompt's (tokens must carry)
     shift: float = 1.0  # the scheduler's static shift: training's sigmas and the exported sampler's (SD3: 3.0)
+    text_init: Optional[str] = None  # a CLIPTextModel folder CLIP-L starts from (then trained jointly); null: random
 
     def __post_init__(self) -> None:
         check(self.logit_std > 0, "flow.logit_std", "must be > 0")
@@ -295,7 +296,8 @@ class ShapesDiffusionMethod:
             self.base = shapes_model.build_untrained_sd3(cfg.seed, vae=vae, num_layers=f.num_layers,
                                                          num_attention_heads=f.num_attention_heads,
                                                          attention_head_dim=f.attention_head_dim,
-                                                         text_layers=f.text_layers, shift=f.shift)
+                                                         text_layers=f.text_layers, shift=f.shift,
+                                                         text_init=f.text_init)
             self.base.text_encoder_2.to(device).train()
             modules = (self.base.unet, self.base.text_encoder, self.base.text_encoder_2)
             self.model = TextToImageSD3(*modules)

@@ -10,6 +10,8 @@ Weights in `StableDiffusionPipeline` format: everything in the framework runs on
 
 from __future__ import annotations
 
+import os
+
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -97,7 +99,7 @@ def build_sd3_transformer(num_layers: int = 4, num_attention_heads: int = 4, att
     )
 
 
-def build_sd3_text_encoders(num_hidden_layers: int = 3):
+def build_sd3_text_encoders(num_hidden_layers: int = 3, hidden_act_l: str = "gelu"):
     from transformers import CLIPTextModelWithProjection
 
     return tuple(
@@ -105,11 +107,33 @@ def build_sd3_text_encoders(num_hidden_layers: int = 3):
             CLIPTextConfig(
                 vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=num_hidden_layers,
                 num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                pad_token_id=49407 if i == 0 else 0, projection_dim=width, hidden_act="gelu",
+                pad_token_id=49407 if i == 0 else 0, projection_dim=width,
+                hidden_act=hidden_act_l if i == 0 else "gelu",
             )
         )
         for i, width in enumerate(SD3_CLIP_WIDTHS)
     )
+
+
+def init_clip_l_from(text_encoder, source: str) -> None:
+    """Start the SD3 kind's CLIP-L from a trained ``CLIPTextModel`` folder (the UNet model's encoder, as SD3
+    starts from a pretrained CLIP): its ``text_model`` weights, and the projection as the identity, so the pooled
+    vector is the source's final EOS state. The source must have CLIP-L's shape (width 32, the same layers)."""
+    from transformers import CLIPTextModel
+
+    from sdd.errors import UserError
+
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        raise UserError(f"flow.text_init: not a CLIPTextModel folder (no config.json): {source}")
+    src = CLIPTextModel.from_pretrained(source, use_safetensors=True)
+    mine, theirs = text_encoder.config, src.config
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "hidden_act"):
+        if getattr(mine, key) != getattr(theirs, key):
+            raise UserError(f"flow.text_init: {source} has {key} {getattr(theirs, key)}, CLIP-L needs "
+                            f"{getattr(mine, key)} (flow.text_layers sets the layers)")
+    text_encoder.text_model.load_state_dict(getattr(src, "text_model", src).state_dict())
+    with torch.no_grad():
+        text_encoder.text_projection.weight.copy_(torch.eye(mine.hidden_size))
 
 
 def build_zero_t5():
@@ -132,7 +156,7 @@ def build_sd3_scheduler(shift: float = 1.0):
 
 def build_untrained_sd3(seed: int = 0, vae: AutoencoderKL | None = None, num_layers: int = 4,
                         num_attention_heads: int = 4, attention_head_dim: int = 16,
-                        text_layers: int = 3, shift: float = 1.0) -> SDComponents:
+                        text_layers: int = 3, shift: float = 1.0, text_init: str | None = None) -> SDComponents:
     from transformers import CLIPTokenizer
 
     from sdd.models import TOKENIZER_DIR, tiny_t5_tokenizer
@@ -140,8 +164,10 @@ def build_untrained_sd3(seed: int = 0, vae: AutoencoderKL | None = None, num_lay
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = build_sd3_transformer(num_layers, num_attention_heads, attention_head_dim)
-        text_encoder, text_encoder_2 = build_sd3_text_encoders(text_layers)
+        text_encoder, text_encoder_2 = build_sd3_text_encoders(text_layers, "quick_gelu" if text_init else "gelu")
         vae = vae if vae is not None else build_vae()
+    if text_init:
+        init_clip_l_from(text_encoder, text_init)
     if vae.config.shift_factor is None:  # the SD3 pipeline decodes z / scaling + shift
         vae.register_to_config(shift_factor=0.0)
     return SDComponents(transformer, text_encoder, load_tokenizer(), build_sd3_scheduler(shift), vae,
