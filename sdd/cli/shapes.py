@@ -4,6 +4,8 @@
     sdd-shapes race --config keep=configs/sdd/shapes_red_keep.yaml --config fast=configs/sdd/shapes_red_fast.yaml \
         --seeds 0,1,2 --eval-seed 10000 --out DIR   # time to a target erasure, side by side
     sdd-shapes read IMAGE...                      # what the oracle sees in images
+    sdd-shapes probe shapes                       # does the model take the shape / colour from the text?
+    sdd-shapes probe outputs/shapes-sd3/checkpoints/step-001000   # a training checkpoint's live weights
     sdd-shapes ship outputs/shapes-base/pipeline  # install a trained base model as the packaged 'shapes' model
 
 ``--model`` takes ``[LABEL=]PATH[@METHOD[:TEXT]]``: PATH is ``shapes`` (the shipped model), ``tiny``, a diffusers
@@ -67,6 +69,22 @@ def cmd_read(args) -> None:
         print(to_json({"image": path, "colour": r.colour, "shape": r.shape, "pixels": r.pixels}))
 
 
+def cmd_probe(args) -> list:
+    import dataclasses
+
+    from sdd.models import load_components
+    from sdd.shapes import probe
+
+    if os.path.isfile(os.path.join(args.model, "model.safetensors")):
+        components = probe.load_checkpoint(args.model)
+    else:
+        components = load_components(args.model)
+    rows = probe.run(components, sigmas=[float(s) for s in args.sigmas.split(",")], n=args.n, seed=args.seed)
+    print(f"{args.model}: one-step x0 of {args.n} noised scenes (seed {args.seed}) under a wrong shape / colour word, "
+          "and between captions\n" + probe.table(rows))
+    return [dataclasses.asdict(r) for r in rows]
+
+
 def cmd_ship(args) -> None:
     from sdd.shapes.ship import ship
 
@@ -118,6 +136,12 @@ def main(argv=None):
     r = sub.add_parser("read", help="what the oracle reads in images")
     r.add_argument("images", nargs="+")
     r.set_defaults(func=cmd_read)
+    p = sub.add_parser("probe", help="does a model take the shape and colour from the text (one-step x0 probes)")
+    p.add_argument("model", help="shapes, a pipeline folder, or a shapes-base checkpoint folder (live weights)")
+    p.add_argument("--sigmas", default="0.95,0.85,0.7,0.5", help="flow sigmas (a VP model: the same SNR)")
+    p.add_argument("--n", type=int, default=36, help="noised scenes")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_probe)
     s = sub.add_parser("ship", help="install a trained base pipeline as the packaged 'shapes' model")
     s.add_argument("pipeline")
     s.add_argument("--dest", default=None)
