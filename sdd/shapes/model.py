@@ -115,22 +115,28 @@ def build_sd3_text_encoders(num_hidden_layers: int = 3, hidden_act_l: str = "gel
     )
 
 
-def init_clip_l_from(text_encoder, source: str) -> None:
-    """Start the SD3 kind's CLIP-L from a trained ``CLIPTextModel`` folder (the UNet model's encoder, as SD3
-    starts from a pretrained CLIP): its ``text_model`` weights, and the projection as the identity, so the pooled
-    vector is the source's final EOS state. The source must have CLIP-L's shape (width 32, the same layers)."""
-    from transformers import CLIPTextModel
-
+def text_init_config(source: str) -> CLIPTextConfig:
+    """The config of the ``CLIPTextModel`` folder ``flow.text_init`` names (one line if it is not one)."""
     from sdd.errors import UserError
 
     if not os.path.isfile(os.path.join(source, "config.json")):
         raise UserError(f"flow.text_init: not a CLIPTextModel folder (no config.json): {source}")
-    src = CLIPTextModel.from_pretrained(source, use_safetensors=True)
-    mine, theirs = text_encoder.config, src.config
+    return CLIPTextConfig.from_pretrained(source)
+
+
+def init_clip_l_from(text_encoder, source: str) -> None:
+    """Start the SD3 kind's CLIP-L from a trained ``CLIPTextModel`` folder (the UNet model's encoder, as SD3
+    starts from a pretrained CLIP): its ``text_model`` weights, and the projection as the identity, so the pooled
+    vector is the source's final EOS state. The source must have CLIP-L's shape (width 32, the same layers); CLIP-L
+    is built with the source's activation (:func:`build_untrained_sd3`)."""
+    from sdd.errors import UserError
+
+    mine, theirs = text_encoder.config, text_init_config(source)
     for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "hidden_act"):
         if getattr(mine, key) != getattr(theirs, key):
             raise UserError(f"flow.text_init: {source} has {key} {getattr(theirs, key)}, CLIP-L needs "
                             f"{getattr(mine, key)} (flow.text_layers sets the layers)")
+    src = CLIPTextModel.from_pretrained(source, use_safetensors=True)
     text_encoder.text_model.load_state_dict(getattr(src, "text_model", src).state_dict())
     with torch.no_grad():
         text_encoder.text_projection.weight.copy_(torch.eye(mine.hidden_size))
@@ -164,7 +170,8 @@ def build_untrained_sd3(seed: int = 0, vae: AutoencoderKL | None = None, num_lay
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = build_sd3_transformer(num_layers, num_attention_heads, attention_head_dim)
-        text_encoder, text_encoder_2 = build_sd3_text_encoders(text_layers, "quick_gelu" if text_init else "gelu")
+        act = text_init_config(text_init).hidden_act if text_init else "gelu"
+        text_encoder, text_encoder_2 = build_sd3_text_encoders(text_layers, act)
         vae = vae if vae is not None else build_vae()
     if text_init:
         init_clip_l_from(text_encoder, text_init)
