@@ -95,14 +95,14 @@ def load_checkpoint(checkpoint: str):
     """The live weights of a ``shapes-base`` diffusion checkpoint (``OUT/checkpoints/step-N``) as components."""
     from safetensors.torch import load_file
 
-    from sdd.api import run_config
+    from sdd.config import load_config
     from sdd.errors import UserError
-    from sdd.methods.shapes_base import ShapesDiffusionMethod
+    from sdd.methods.shapes_base import ShapesBaseConfig, ShapesDiffusionMethod
 
     config, weights = os.path.join(checkpoint, "config.yaml"), os.path.join(checkpoint, "model.safetensors")
     if not (os.path.isfile(config) and os.path.isfile(weights)):
         raise UserError(f"{checkpoint}: not a shapes-base checkpoint (needs config.yaml and model.safetensors)")
-    method = ShapesDiffusionMethod(run_config(config, []))
+    method = ShapesDiffusionMethod(load_config(ShapesBaseConfig, config))
     result = method.model.load_state_dict(load_file(weights), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("pos_embed.pos_embed")]  # a buffer, not saved
     if missing or result.unexpected_keys:
