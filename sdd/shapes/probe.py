@@ -47,10 +47,9 @@ def noised(components, z0: torch.Tensor, eps: torch.Tensor, sigma: float) -> tup
 
 
 @torch.no_grad()
-def x0_of(components, x_t: torch.Tensor, t: float, prompts: list[str]) -> torch.Tensor:
+def x0_of(components, x_t: torch.Tensor, t: float, conditioning: torch.Tensor) -> torch.Tensor:
     c = components
-    out = c.family.denoise(c.unet, x_t, t, c.family.encode(c, prompts))
-    return c.prediction.to_x0(out, x_t, t)
+    return c.prediction.to_x0(c.family.denoise(c.unet, x_t, t, conditioning), x_t, t)
 
 
 @torch.no_grad()
@@ -71,17 +70,20 @@ def run(components, sigmas=(0.95, 0.85, 0.7, 0.5), n: int = 36, seed: int = 7) -
         "shape": [f"a {s.colour} {w}" for s, w in zip(scenes, wrong["shape"])],
         "colour": [f"a {w} {s.shape}" for s, w in zip(scenes, wrong["colour"])],
     }
+    conditioning = {kind: c.family.encode(c, texts) for kind, texts in captions.items()}  # once, for every sigma
+    pairs = ("a red circle", "a red square", "a blue circle")
+    pair_conditioning = {p: c.family.encode(c, [p]).expand(n, -1, -1) for p in pairs}
     rows = []
     for sigma in sigmas:
         x_t, t = noised(c, z0, eps, sigma)
         rates = {}
         for kind in ("shape", "colour"):
-            x0 = x0_of(c, x_t, t, captions[kind]) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+            x0 = x0_of(c, x_t, t, conditioning[kind]) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
             reads = oracle.read_many(((vae.decode(x0).sample.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
             got = [getattr(r, kind) for r in reads]
             rates[kind] = (float(np.mean([g == w for g, w in zip(got, wrong[kind])])),
                            float(np.mean([g == getattr(s, kind) for g, s in zip(got, scenes)])))
-        pair = {p: x0_of(c, x_t, t, [p] * n) for p in ("a red circle", "a red square", "a blue circle")}
+        pair = {p: x0_of(c, x_t, t, cond) for p, cond in pair_conditioning.items()}
         ref = pair["a red circle"].norm()
         rows.append(ProbeRow(
             sigma, t, *rates["shape"], *rates["colour"],
