@@ -139,3 +139,50 @@ def test_own_latents_are_the_teachers_trajectories_toward_the_prompts_to_keep(ti
 def test_own_latents_without_prompts_to_keep_is_a_clear_error(tiny_args):
     with pytest.raises(ConfigError, match="sdd.preserve_latents.*preserve_prompts"):
         build(tiny_args, "sdd.preserve_latents=own")
+
+
+def test_the_unconditional_term_holds_the_empty_prompt_on_the_kept_prompts_trajectories(tiny_args):
+    """``sdd.preserve_unconditional`` = mu: mu * || eps(z_keep, emptyset) - eps_orig(z_keep, emptyset) ||^2 on the
+    latents the teacher samples toward the prompts to keep (``own``'s latents), beside the kept prompts' term on the
+    concept's latents (the default ``concept``), which is unchanged."""
+    cfg, _, method = build(tiny_args, *keep_flag(weight=2.5), "sdd.preserve_unconditional=4.0",
+                           "train.batch_size=4", "sdd.latents_per_trajectory=2")
+    with torch.no_grad():
+        for p in method.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    embeds = method.texts.get()
+    keep_embeds, c_empty = embeds[-len(KEEP):], embeds[:1]
+    generator = step_generator(0, 0, 2)
+    z_T, k, idx = method.draw(2, generator)
+    z_keep_T = torch.randn((2, *method.latent_shape), generator=generator)
+    z_keep, t_keep = sample_to_k(method.teacher, method.scheduler, z_keep_T, keep_embeds[[1, 2]], c_empty,
+                                 cfg.sdd.guidance_scale, k)
+    z_t, t, c_uncond, c_s = method.sample_latents(method.model, z_T, k, idx)
+    with torch.no_grad():
+        empty = c_empty.expand(4, -1, -1)
+        hold = sdd_loss(method.model(z_keep, t_keep, encoder_hidden_states=empty).sample,
+                        method.original(z_keep, t_keep, encoder_hidden_states=empty).sample)
+        keep = sdd_loss(method.model(z_t, t, encoder_hidden_states=method.preserve_conditioning(2)).sample,
+                        method.original(z_t, t, encoder_hidden_states=method.preserve_conditioning(2)).sample)
+        erase = method.student_loss(method.model, z_t, t, c_uncond, c_s)
+        loss, logs = method.compute_loss(method.model, 2, step_generator(0, 0, 2))
+    assert hold.item() > 0
+    assert float(logs["loss_preserve_unconditional"]) == pytest.approx(hold.item(), rel=1e-6)
+    assert float(logs["loss_preserve"]) == pytest.approx(keep.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(erase.item() + 2.5 * keep.item() + 4.0 * hold.item(), rel=1e-6)
+
+
+def test_the_unconditional_term_holds_the_empty_prompt_where_plain_preservation_lets_it_drift(tiny_args, tmp_path):
+    plain = train(tiny_args, *keep_flag(weight=1.0), f"output_dir={tmp_path / 'plain'}")
+    held = train(tiny_args, *keep_flag(weight=1.0), "sdd.preserve_unconditional=5.0", f"output_dir={tmp_path / 'u'}")
+    empty = held.texts.get()[:1].expand(4, -1, -1)
+    assert drift(plain, empty) > 0
+    assert drift(held, empty) < 0.5 * drift(plain, empty)
+
+
+def test_the_unconditional_term_needs_prompts_to_keep(tiny_args):
+    with pytest.raises(ConfigError, match="sdd.preserve_unconditional.*preserve_prompts"):
+        build(tiny_args, "sdd.preserve_unconditional=1.0")
+    with pytest.raises(ConfigError, match="sdd.preserve_unconditional"):
+        build(tiny_args, "sdd.preserve_prompts=['a dog']", "sdd.preserve_unconditional=-1")

@@ -13,6 +13,9 @@ frozen model before training and c_keep cycles through the prompts to keep (e.g.
 red): what the concept shares with them is held in place while the concept itself is sent to the unconditional.
 ``sdd.preserve_latents=own`` evaluates the term instead on latents the EMA teacher samples toward c_keep (the same
 k, one more trajectory per trajectory): where the model goes when it draws the prompts to keep.
+``sdd.preserve_unconditional`` = mu > 0 adds ``mu * || eps_theta(z_keep, {}, t) - eps_orig(z_keep, {}, t) ||^2``
+on those latents: classifier-free guidance subtracts the unconditional prediction (s - 1) times from every kept
+prompt's, so it is held where the kept prompts are drawn and left free on the concept's (docs/METHODS.md 1.8e).
 
 With ``sdd.negative_guidance`` = eta > 0 (not in the papers; 0 by default) the target moves away from the concept
 along the frozen original's direction, ``sg eps_theta(z_t, c_rest) - eta (eps_orig(z_t, c_s) - eps_orig(z_t, c_rest))``
@@ -147,6 +150,11 @@ class SDDSettings:
     # toward the concept (the erasure's own batch); "own", on latents the teacher samples toward the prompts to keep
     # (one more trajectory per trajectory, same k), where the model goes when it draws them (docs/METHODS.md §1.8)
     preserve_latents: Literal["concept", "own"] = "concept"
+    # mu (not in the papers; 0: off): the loss gains mu * || eps_theta(z_keep, {}) - eps_orig(z_keep, {}) ||^2 on
+    # latents the teacher samples toward the prompts to keep: the unconditional prediction, which classifier-free
+    # guidance subtracts (s - 1) times from every kept prompt's, stays where it was along their trajectories, and is
+    # left free along the concept's; docs/METHODS.md section 1.8e
+    preserve_unconditional: float = 0.0
     # prompts the concept is erased in ({} = the concept; not in the papers): the teacher samples toward each
     # template with the concept, the student's template with the concept is sent to the same template without it
     # ("a red {}": "a red circle" -> "a red"); ["{}"] is the papers' SDD (the concept -> the empty prompt)
@@ -176,6 +184,10 @@ class SDDSettings:
         check(all(p.strip() for p in self.preserve_prompts), "sdd.preserve_prompts", "a prompt is empty")
         check(self.preserve_latents == "concept" or bool(self.preserve_prompts), "sdd.preserve_latents",
               "'own' samples toward the prompts to keep; set sdd.preserve_prompts")
+        check(self.preserve_unconditional >= 0, "sdd.preserve_unconditional",
+              f"must be >= 0, got {self.preserve_unconditional}")
+        check(self.preserve_unconditional == 0 or bool(self.preserve_prompts), "sdd.preserve_unconditional",
+              "holds the unconditional prediction on the trajectories of the prompts to keep; set sdd.preserve_prompts")
         check(len(self.templates) > 0 and all(t.count("{}") == 1 for t in self.templates), "sdd.templates",
               "each template must contain {} once")
         for concept, templates in self.concept_templates.items():
@@ -351,15 +363,21 @@ class SDDMethod:
         loss = self.student_loss(model, z_t, t, c_rest, c_s, self.away(z_t, t, c_rest, c_s))
         logs = {"k": k.float().mean().item()}
         if self.preserve_texts:
-            if self.cfg.sdd.preserve_latents == "own":
+            s = self.cfg.sdd
+            if s.preserve_latents == "own" or s.preserve_unconditional > 0:
                 with timing.region("sampling"):
                     z_keep, t_keep, c_keep = self.sample_keep_latents(micro_step, generator, k)
+            if s.preserve_latents == "own":
                 keep = self.preserve_loss(model, z_keep, t_keep, c_keep)
             else:
                 keep = self.preserve_loss(model, z_t, t, self.preserve_conditioning(micro_step))
             # tensors, not floats: the loop reads them only when it logs (no device sync every step)
             logs.update({"loss_erase": loss.detach(), "loss_preserve": keep.detach()})
-            loss = loss + self.cfg.sdd.preserve_weight * keep
+            loss = loss + s.preserve_weight * keep
+            if s.preserve_unconditional > 0:
+                hold = self.preserve_loss(model, z_keep, t_keep, c_uncond.expand(z_keep.shape[0], -1, -1))
+                logs["loss_preserve_unconditional"] = hold.detach()
+                loss = loss + s.preserve_unconditional * hold
         if self.adversary is not None:
             a = self.cfg.sdd.adversarial
             idx = idx.repeat_interleave(self.cfg.sdd.latents_per_trajectory)  # the concept of each latent
