@@ -68,6 +68,27 @@ def test_the_inner_attack_lowers_its_own_loss_and_the_term_joins_the_loss(tiny_a
     assert loss.item() == pytest.approx(erase.item() + adv.item(), rel=1e-5)
 
 
+def test_with_negative_guidance_the_adversarial_conditioning_is_sent_past_its_target_too(tiny_args):
+    """c(v*) is sent where the concept's conditioning is: with sdd.negative_guidance = eta, to its template without
+    the token minus eta times the original's concept direction on those latents (the concept's own step away)."""
+    method = build(tiny_args, "train.batch_size=2", "sdd.negative_guidance=1.5")
+    loss, logs = method.compute_loss(method.model, 0, step_generator(0, 0, 0))  # the attack runs here
+    z_T, k, idx = method.draw(0, step_generator(0, 0, 0))
+    z_t, t, c_uncond, c_s = method.sample_latents(method.model, z_T, k, idx)
+    c_rest = method.target_conditioning(idx)
+    with torch.no_grad():
+        away = 1.5 * (method.original(z_t, t, encoder_hidden_states=c_s).sample
+                      - method.original(z_t, t, encoder_hidden_states=c_rest.expand(2, -1, -1)).sample)
+        assert away.abs().max() > 0
+        erase = method.student_loss(method.model, z_t, t, c_rest, c_s, away)
+        c_adv, c_adv_rest = method.adversary.conditioning(2, 0)
+        adv = method.student_loss(method.model, z_t, t, c_adv_rest, c_adv, away)
+        without = method.student_loss(method.model, z_t, t, c_adv_rest, c_adv)
+    assert adv.item() != pytest.approx(without.item(), rel=1e-3)
+    assert float(logs["loss_adversarial"]) == pytest.approx(adv.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(erase.item() + adv.item(), rel=1e-5)
+
+
 def test_the_gate_keeps_the_term_only_where_the_attack_brings_the_concept_back(tiny_args, monkeypatch):
     method = build(tiny_args, "train.batch_size=2", "sdd.adversarial.gate=true")
     z_t, t, c_uncond, c_s = method.sample_latents(method.model, *method.draw(0, step_generator(0, 0, 0)))

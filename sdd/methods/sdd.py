@@ -31,10 +31,11 @@ student, prompted with it, predicts what the original model predicts for the con
 ``adversarial.weight * || eps_theta(z_t, c(v*), t) - sg(eps_theta(z_t, c_rest, t)) ||^2``: conditionings that
 bring the concept back are sent where the concept word's are, c_rest the template without the token ("a {}
 circle" -> "a circle"; "{}" -> the empty prompt, SDD's own target; ``adversarial.target=unconditional`` always
-the empty prompt). c(v) encodes each of ``adversarial.templates`` with the
-token; v* starts from the last one found (or the concept's embedding at the first attack) and is kept in the
-checkpoint. ``adversarial.gate`` keeps the term only on the latents where c(v*) brings the student closer to
-eps_orig(z_t, c_p, t) than c_rest does (where the attack succeeded).
+the empty prompt; with ``sdd.negative_guidance`` the target steps away from the concept as the concept's does).
+c(v) encodes each of ``adversarial.templates`` with the token; v* starts from the last one found (or the concept's
+embedding at the first attack) and is kept in the checkpoint. ``adversarial.gate`` keeps the term only on the
+latents where c(v*) brings the student closer to eps_orig(z_t, c_p, t) than c_rest does (where the attack
+succeeded).
 
 ``t`` is the grid timestep of the latent the student sees (the official code's k = 0 case, which ran the full
 trajectory and then queried t ~ 990, does not exist here). ``concept_roles='official'`` swaps c_s and c_p as
@@ -360,7 +361,8 @@ class SDDMethod:
         with timing.region("sampling"):
             z_t, t, c_uncond, c_s = self.sample_latents(model, z_T, k, idx)
         c_rest = self.target_conditioning(idx)
-        loss = self.student_loss(model, z_t, t, c_rest, c_s, self.away(z_t, t, c_rest, c_s))
+        away = self.away(z_t, t, c_rest, c_s)
+        loss = self.student_loss(model, z_t, t, c_rest, c_s, away)
         logs = {"k": k.float().mean().item()}
         if self.preserve_texts:
             s = self.cfg.sdd
@@ -395,10 +397,12 @@ class SDDMethod:
                     share = hit.float().mean()  # logged as a tensor, as the losses are (no sync every step)
                     logs["adversarial_gate"] = share
                     # the term over the latents where c(v*) brings the concept back, as a share of the batch
-                    adv = (self.student_loss(model, z_t[hit], t[hit], target[hit], c_adv[hit]) * share
+                    adv = (self.student_loss(model, z_t[hit], t[hit], target[hit], c_adv[hit],
+                                             None if away is None else away[hit]) * share
                            if hit.any() else z_t.new_zeros(()))
                 else:
-                    adv = self.student_loss(model, z_t, t, target, c_adv)
+                    # sent where the concept's own conditioning is sent: with negative guidance, past its target
+                    adv = self.student_loss(model, z_t, t, target, c_adv, away)
                 logs["loss_adversarial"] = adv.detach()
                 loss = loss + a.weight * adv
         return loss, logs
