@@ -186,3 +186,26 @@ def test_the_unconditional_term_needs_prompts_to_keep(tiny_args):
         build(tiny_args, "sdd.preserve_unconditional=1.0")
     with pytest.raises(ConfigError, match="sdd.preserve_unconditional"):
         build(tiny_args, "sdd.preserve_prompts=['a dog']", "sdd.preserve_unconditional=-1")
+
+
+def test_erasing_the_concept_from_the_unconditional_prediction_is_the_originals_minus_the_step_away(tiny_args):
+    """``sdd.erase_unconditional`` = nu: on the concept's latents, nu * || eps(z_t, {}) - sg(eps_orig(z_t, {}) - eta
+    (eps_orig(z_t, c_s) - eps_orig(z_t, {}))) ||^2 beside SDD's term (here c_rest is the empty prompt)."""
+    cfg, _, method = build(tiny_args, "sdd.negative_guidance=1.5", "sdd.erase_unconditional=2.0", "train.batch_size=2")
+    with torch.no_grad():
+        for p in method.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    z_t, t, c_uncond, c_s = method.sample_latents(method.model, *method.draw(1, step_generator(0, 0, 1)))
+    empty = c_uncond.expand(2, -1, -1)
+    with torch.no_grad():
+        orig_empty = method.original(z_t, t, encoder_hidden_states=empty).sample
+        away = 1.5 * (method.original(z_t, t, encoder_hidden_states=c_s).sample - orig_empty)
+        by_hand = sdd_loss(method.model(z_t, t, encoder_hidden_states=empty).sample, orig_empty - away)
+        erase = method.student_loss(method.model, z_t, t, c_uncond, c_s, away)
+        loss, logs = method.compute_loss(method.model, 1, step_generator(0, 0, 1))
+    assert by_hand.item() > 0
+    assert float(logs["loss_erase_unconditional"]) == pytest.approx(by_hand.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(erase.item() + 2.0 * by_hand.item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="sdd.erase_unconditional.*negative_guidance"):
+        build(tiny_args, "sdd.erase_unconditional=1.0")

@@ -156,6 +156,11 @@ class SDDSettings:
     # guidance subtracts (s - 1) times from every kept prompt's, stays where it was along their trajectories, and is
     # left free along the concept's; docs/METHODS.md section 1.8e
     preserve_unconditional: float = 0.0
+    # nu (not in the papers; 0: off; needs negative_guidance): on the concept's latents the unconditional prediction is
+    # sent to the frozen original's minus the concept's step away, nu * || eps_theta(z_t, {}) - sg(eps_orig(z_t, {})
+    # - away) ||^2, so the empty prompt, and any token that means nothing, stops drawing the concept at the base rate
+    # the original draws it without being asked; docs/METHODS.md section 1.8e
+    erase_unconditional: float = 0.0
     # prompts the concept is erased in ({} = the concept; not in the papers): the teacher samples toward each
     # template with the concept, the student's template with the concept is sent to the same template without it
     # ("a red {}": "a red circle" -> "a red"); ["{}"] is the papers' SDD (the concept -> the empty prompt)
@@ -189,6 +194,9 @@ class SDDSettings:
               f"must be >= 0, got {self.preserve_unconditional}")
         check(self.preserve_unconditional == 0 or bool(self.preserve_prompts), "sdd.preserve_unconditional",
               "holds the unconditional prediction on the trajectories of the prompts to keep; set sdd.preserve_prompts")
+        check(self.erase_unconditional >= 0, "sdd.erase_unconditional", f"must be >= 0, got {self.erase_unconditional}")
+        check(self.erase_unconditional == 0 or self.negative_guidance > 0, "sdd.erase_unconditional",
+              "sends the unconditional prediction along the concept's step away; set sdd.negative_guidance > 0")
         check(len(self.templates) > 0 and all(t.count("{}") == 1 for t in self.templates), "sdd.templates",
               "each template must contain {} once")
         for concept, templates in self.concept_templates.items():
@@ -364,6 +372,13 @@ class SDDMethod:
         away = self.away(z_t, t, c_rest, c_s)
         loss = self.student_loss(model, z_t, t, c_rest, c_s, away)
         logs = {"k": k.float().mean().item()}
+        if self.cfg.sdd.erase_unconditional > 0:
+            c_empty = c_uncond.expand(z_t.shape[0], -1, -1)
+            with torch.no_grad(), sampling_autocast(z_t.device, self.cfg.perf.teacher_precision):
+                eps_empty = self.denoise(self.original, z_t, t, c_empty).float()
+            empty = sdd_loss(self.denoise(model, z_t, t, c_empty), eps_empty - away)
+            logs["loss_erase_unconditional"] = empty.detach()
+            loss = loss + self.cfg.sdd.erase_unconditional * empty
         if self.preserve_texts:
             s = self.cfg.sdd
             if s.preserve_latents == "own" or s.preserve_unconditional > 0:
