@@ -372,13 +372,6 @@ class SDDMethod:
         away = self.away(z_t, t, c_rest, c_s)
         loss = self.student_loss(model, z_t, t, c_rest, c_s, away)
         logs = {"k": k.float().mean().item()}
-        if self.cfg.sdd.erase_unconditional > 0:
-            c_empty = c_uncond.expand(z_t.shape[0], -1, -1)
-            with torch.no_grad(), sampling_autocast(z_t.device, self.cfg.perf.teacher_precision):
-                eps_empty = self.denoise(self.original, z_t, t, c_empty).float()
-            empty = sdd_loss(self.denoise(model, z_t, t, c_empty), eps_empty - away)
-            logs["loss_erase_unconditional"] = empty.detach()
-            loss = loss + self.cfg.sdd.erase_unconditional * empty
         if self.preserve_texts:
             s = self.cfg.sdd
             if s.preserve_latents == "own" or s.preserve_unconditional > 0:
@@ -395,6 +388,13 @@ class SDDMethod:
                 hold = self.preserve_loss(model, z_keep, t_keep, c_uncond.expand(z_keep.shape[0], -1, -1))
                 logs["loss_preserve_unconditional"] = hold.detach()
                 loss = loss + s.preserve_unconditional * hold
+        if self.cfg.sdd.erase_unconditional > 0:
+            c_empty = c_uncond.expand(z_t.shape[0], -1, -1)
+            with torch.no_grad(), sampling_autocast(z_t.device, self.cfg.perf.teacher_precision):
+                eps_empty = self.denoise(self.original, z_t, t, c_empty).float()
+            empty = sdd_loss(self.denoise(model, z_t, t, c_empty), eps_empty - away)
+            logs["loss_erase_unconditional"] = empty.detach()
+            loss = loss + self.cfg.sdd.erase_unconditional * empty
         if self.adversary is not None:
             a = self.cfg.sdd.adversarial
             idx = idx.repeat_interleave(self.cfg.sdd.latents_per_trajectory)  # the concept of each latent
