@@ -20,6 +20,14 @@ def build(tiny_args, *overrides):
     return cfg, accelerator, SDDMethod(cfg, accelerator.device)
 
 
+def nudge(method):
+    """Move the student's trainable parameters off the original's, so the terms compared to it are not zero."""
+    with torch.no_grad():
+        for p in method.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+
+
 def keep_flag(weight=1.0):
     return [f"sdd.preserve_prompts=[{', '.join(repr(p) for p in KEEP)}]", f"sdd.preserve_weight={weight}"]
 
@@ -38,10 +46,7 @@ def test_the_term_is_zero_at_the_start_and_weight_zero_is_plain_sdd(tiny_args):
 
 def test_the_term_is_the_mse_to_the_frozen_original_on_round_robin_prompts(tiny_args):
     cfg, _, method = build(tiny_args, *keep_flag(weight=2.5), "train.batch_size=2")
-    with torch.no_grad():
-        for p in method.model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    nudge(method)
     embeds = method.texts.get()
     keep_embeds = embeds[-len(KEEP):]
     # micro-step 2, batch 2, one process: latents 4 and 5 of the run -> prompts 4 % 3 = 1 and 5 % 3 = 2
@@ -107,10 +112,7 @@ def test_own_latents_are_the_teachers_trajectories_toward_the_prompts_to_keep(ti
     keep (noise drawn after the concept's draws, the same k), each trajectory's latents with its own prompt."""
     cfg, _, method = build(tiny_args, *keep_flag(weight=2.5), "sdd.preserve_latents=own", "train.batch_size=4",
                            "sdd.latents_per_trajectory=2")
-    with torch.no_grad():
-        for p in method.model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    nudge(method)
     keep_embeds = method.texts.get()[-len(KEEP):]
     generator = step_generator(0, 0, 2)
     z_T, k, idx = method.draw(2, generator)
@@ -147,10 +149,7 @@ def test_the_unconditional_term_holds_the_empty_prompt_on_the_kept_prompts_traje
     concept's latents (the default ``concept``), which is unchanged."""
     cfg, _, method = build(tiny_args, *keep_flag(weight=2.5), "sdd.preserve_unconditional=4.0",
                            "train.batch_size=4", "sdd.latents_per_trajectory=2")
-    with torch.no_grad():
-        for p in method.model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    nudge(method)
     embeds = method.texts.get()
     keep_embeds, c_empty = embeds[-len(KEEP):], embeds[:1]
     generator = step_generator(0, 0, 2)
@@ -192,10 +191,7 @@ def test_erasing_the_concept_from_the_unconditional_prediction_is_the_originals_
     """``sdd.erase_unconditional`` = nu: on the concept's latents, nu * || eps(z_t, {}) - sg(eps_orig(z_t, {}) - eta
     (eps_orig(z_t, c_s) - eps_orig(z_t, {}))) ||^2 beside SDD's term (here c_rest is the empty prompt)."""
     cfg, _, method = build(tiny_args, "sdd.negative_guidance=1.5", "sdd.erase_unconditional=2.0", "train.batch_size=2")
-    with torch.no_grad():
-        for p in method.model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    nudge(method)
     z_t, t, c_uncond, c_s = method.sample_latents(method.model, *method.draw(1, step_generator(0, 0, 1)))
     empty = c_uncond.expand(2, -1, -1)
     with torch.no_grad():
