@@ -107,10 +107,12 @@ def test_an_empty_prompt_to_keep_is_a_clear_error(tiny_args):
         build(tiny_args, "sdd.preserve_prompts=['a dog']", "sdd.preserve_weight=-1")
 
 
-def test_own_latents_are_the_teachers_trajectories_toward_the_prompts_to_keep(tiny_args):
+@pytest.mark.parametrize("where", ["own", "both"])
+def test_own_latents_are_the_teachers_trajectories_toward_the_prompts_to_keep(tiny_args, where):
     """``sdd.preserve_latents=own``: the term is evaluated on latents the EMA teacher samples toward the prompt to
-    keep (noise drawn after the concept's draws, the same k), each trajectory's latents with its own prompt."""
-    cfg, _, method = build(tiny_args, *keep_flag(weight=2.5), "sdd.preserve_latents=own", "train.batch_size=4",
+    keep (noise drawn after the concept's draws, the same k), each trajectory's latents with its own prompt;
+    ``both``: the term on those latents plus the term on the concept's, each at lambda."""
+    cfg, _, method = build(tiny_args, *keep_flag(weight=2.5), f"sdd.preserve_latents={where}", "train.batch_size=4",
                            "sdd.latents_per_trajectory=2")
     nudge(method)
     keep_embeds = method.texts.get()[-len(KEEP):]
@@ -133,14 +135,17 @@ def test_own_latents_are_the_teachers_trajectories_toward_the_prompts_to_keep(ti
         loss, logs = method.compute_loss(method.model, 2, step_generator(0, 0, 2))
     assert not torch.equal(z_keep, z_t)
     assert by_hand.item() > 0 and by_hand.item() != pytest.approx(on_concept.item(), rel=1e-3)
+    if where == "both":
+        by_hand = by_hand + on_concept
     assert float(logs["loss_preserve"]) == pytest.approx(by_hand.item(), rel=1e-6)
     assert float(logs["loss_erase"]) == pytest.approx(erase.item(), rel=1e-6)  # the erasure's draws are unchanged
     assert loss.item() == pytest.approx(erase.item() + 2.5 * by_hand.item(), rel=1e-6)
 
 
-def test_own_latents_without_prompts_to_keep_is_a_clear_error(tiny_args):
-    with pytest.raises(ConfigError, match="sdd.preserve_latents.*preserve_prompts"):
-        build(tiny_args, "sdd.preserve_latents=own")
+@pytest.mark.parametrize("where", ["own", "both"])
+def test_own_latents_without_prompts_to_keep_is_a_clear_error(tiny_args, where):
+    with pytest.raises(ConfigError, match=f"sdd.preserve_latents.*'{where}'.*preserve_prompts"):
+        build(tiny_args, f"sdd.preserve_latents={where}")
 
 
 def test_the_unconditional_term_holds_the_empty_prompt_on_the_kept_prompts_trajectories(tiny_args):

@@ -12,7 +12,8 @@ latents, ``preserve_weight * || eps_theta(z_t, c_keep, t) - eps_orig(z_t, c_keep
 frozen model before training and c_keep cycles through the prompts to keep (e.g. the other colours when erasing
 red): what the concept shares with them is held in place while the concept itself is sent to the unconditional.
 ``sdd.preserve_latents=own`` evaluates the term instead on latents the EMA teacher samples toward c_keep (the same
-k, one more trajectory per trajectory): where the model goes when it draws the prompts to keep.
+k, one more trajectory per trajectory): where the model goes when it draws the prompts to keep; ``both`` adds the
+two terms, each at ``preserve_weight``.
 ``sdd.preserve_unconditional`` = mu > 0 adds ``mu * || eps_theta(z_keep, {}, t) - eps_orig(z_keep, {}, t) ||^2``
 on those latents: classifier-free guidance subtracts the unconditional prediction (s - 1) times from every kept
 prompt's, so it is held where the kept prompts are drawn and left free on the concept's (docs/METHODS.md 1.8e).
@@ -149,8 +150,9 @@ class SDDSettings:
     preserve_weight: float = 1.0  # lambda of the preservation term (used only with preserve_prompts)
     # where the preservation term is evaluated (not in the papers): "concept", on the latents the teacher sampled
     # toward the concept (the erasure's own batch); "own", on latents the teacher samples toward the prompts to keep
-    # (one more trajectory per trajectory, same k), where the model goes when it draws them (docs/METHODS.md §1.8)
-    preserve_latents: Literal["concept", "own"] = "concept"
+    # (one more trajectory per trajectory, same k), where the model goes when it draws them; "both", the term on
+    # each set, each at lambda (docs/METHODS.md §1.8)
+    preserve_latents: Literal["concept", "own", "both"] = "concept"
     # mu (not in the papers; 0: off): the loss gains mu * || eps_theta(z_keep, {}) - eps_orig(z_keep, {}) ||^2 on
     # latents the teacher samples toward the prompts to keep: the unconditional prediction, which classifier-free
     # guidance subtracts (s - 1) times from every kept prompt's, stays where it was along their trajectories, and is
@@ -189,7 +191,7 @@ class SDDSettings:
         check(self.preserve_weight >= 0, "sdd.preserve_weight", f"must be >= 0, got {self.preserve_weight}")
         check(all(p.strip() for p in self.preserve_prompts), "sdd.preserve_prompts", "a prompt is empty")
         check(self.preserve_latents == "concept" or bool(self.preserve_prompts), "sdd.preserve_latents",
-              "'own' samples toward the prompts to keep; set sdd.preserve_prompts")
+              f"'{self.preserve_latents}' samples toward the prompts to keep; set sdd.preserve_prompts")
         check(self.preserve_unconditional >= 0, "sdd.preserve_unconditional",
               f"must be >= 0, got {self.preserve_unconditional}")
         check(self.preserve_unconditional == 0 or bool(self.preserve_prompts), "sdd.preserve_unconditional",
@@ -374,13 +376,14 @@ class SDDMethod:
         logs = {"k": k.float().mean().item()}
         if self.preserve_texts:
             s = self.cfg.sdd
-            if s.preserve_latents == "own" or s.preserve_unconditional > 0:
+            if s.preserve_latents != "concept" or s.preserve_unconditional > 0:
                 with timing.region("sampling"):
                     z_keep, t_keep, c_keep = self.sample_keep_latents(micro_step, generator, k)
-            if s.preserve_latents == "own":
-                keep = self.preserve_loss(model, z_keep, t_keep, c_keep)
-            else:
-                keep = self.preserve_loss(model, z_t, t, self.preserve_conditioning(micro_step))
+            keep = z_t.new_zeros(())
+            if s.preserve_latents != "own":  # on the concept's latents
+                keep = keep + self.preserve_loss(model, z_t, t, self.preserve_conditioning(micro_step))
+            if s.preserve_latents != "concept":  # on the kept prompts' own
+                keep = keep + self.preserve_loss(model, z_keep, t_keep, c_keep)
             # tensors, not floats: the loop reads them only when it logs (no device sync every step)
             logs.update({"loss_erase": loss.detach(), "loss_preserve": keep.detach()})
             loss = loss + s.preserve_weight * keep
