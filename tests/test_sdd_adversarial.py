@@ -68,6 +68,28 @@ def test_the_inner_attack_lowers_its_own_loss_and_the_term_joins_the_loss(tiny_a
     assert loss.item() == pytest.approx(erase.item() + adv.item(), rel=1e-5)
 
 
+def test_the_radius_keeps_the_attack_vector_within_its_ball_of_the_vocabulary_norms(tiny_args):
+    """adversarial.radius r: after every inner step v* is projected into the ball of r times the largest vocabulary
+    row's norm; the same attack unbounded leaves it, and inside the ball the projection changes nothing."""
+    runs = {}
+    for radius in (None, 1.0, 1000.0):
+        method = build(tiny_args, "train.batch_size=2", "sdd.adversarial.lr=1.0",
+                       *([] if radius is None else [f"sdd.adversarial.radius={radius}"]))
+        z_t, t, _, _ = method.sample_latents(method.model, *method.draw(0, step_generator(0, 0, 0)))
+        c_concept = method.conditioning(torch.zeros(2, dtype=torch.long))[1]
+        method.adversary.attack(method.model, method.original, z_t, t, c_concept)
+        runs[radius] = method.adversary.vector
+    largest = build_tiny_sd().text_encoder.get_input_embeddings().weight.norm(dim=1).max().item()
+    assert runs[None].norm().item() > 1.5 * largest  # lr 1 for 5 Adam steps: far off the vocabulary
+    assert runs[1.0].norm().item() == pytest.approx(largest, rel=1e-5)
+    assert torch.equal(runs[1000.0], runs[None])
+
+
+def test_a_radius_that_is_not_positive_is_one_clear_error(tiny_args):
+    with pytest.raises(Exception, match="sdd.adversarial.radius: must be > 0, got 0.0"):
+        build(tiny_args, "sdd.adversarial.radius=0")
+
+
 def test_with_negative_guidance_the_adversarial_conditioning_is_sent_past_its_target_too(tiny_args):
     """c(v*) is sent where the concept's conditioning is: with sdd.negative_guidance = eta, to its template without
     the token minus eta times the original's concept direction on those latents (the concept's own step away)."""

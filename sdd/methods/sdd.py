@@ -34,7 +34,8 @@ bring the concept back are sent where the concept word's are, c_rest the templat
 circle" -> "a circle"; "{}" -> the empty prompt, SDD's own target; ``adversarial.target=unconditional`` always
 the empty prompt; with ``sdd.negative_guidance`` the target steps away from the concept as the concept's does).
 c(v) encodes each of ``adversarial.templates`` with the token; v* starts from the last one found (or the concept's
-embedding at the first attack) and is kept in the checkpoint. ``adversarial.gate`` keeps the term only on the
+embedding at the first attack) and is kept in the checkpoint; ``adversarial.radius`` projects it back into a ball
+(radius times the largest vocabulary row's norm) after every inner step. ``adversarial.gate`` keeps the term only on the
 latents where c(v*) brings the student closer to eps_orig(z_t, c_p, t) than c_rest does (where the attack
 succeeded).
 
@@ -125,11 +126,16 @@ class AdversarialSettings:
     # the term only on the latents where the attack succeeded: c(v*) brings the student closer to the original's
     # concept prediction than the template without the token (false: on every latent, AdvUnlearn's)
     gate: bool = False
+    # v* projected back into the ball of this radius after every inner step, in units of the largest norm of the
+    # vocabulary's input embeddings (PGD's projection); null: unbounded (v* is warm-started and can wander far off
+    # the vocabulary, measured on ShapesWorld at 20-40 times its norms)
+    radius: Optional[float] = None
 
     def __post_init__(self) -> None:
         check(self.every >= 0 and self.warmup >= 0 and self.steps >= 1, "sdd.adversarial",
               "every >= 0, warmup >= 0 and steps >= 1")
         check(self.lr > 0 and self.weight >= 0, "sdd.adversarial", "lr > 0 and weight >= 0")
+        check(self.radius is None or self.radius > 0, "sdd.adversarial.radius", f"must be > 0, got {self.radius}")
         check(len(self.templates) > 0 and all(t.count("{}") == 1 for t in self.templates),
               "sdd.adversarial.templates", "each template must contain {} once")
 
@@ -491,6 +497,8 @@ class Adversary:
         table = base.text_encoder.get_input_embeddings().weight.detach()
         words = base.tokenizer(concept_text, add_special_tokens=False).input_ids
         self.vector = table[words].float().mean(0).clone()  # the first attack starts from the concept's words
+        # adversarial.radius in the table's units: the largest norm of a vocabulary row
+        self.max_norm = None if settings.radius is None else settings.radius * table.float().norm(dim=1).max().item()
         self.found = False
         self._encoded: Optional[torch.Tensor] = None  # c(v*), encoded once per attack
 
@@ -520,6 +528,9 @@ class Adversary:
             optimizer.zero_grad(set_to_none=True)
             v.grad = grad
             optimizer.step()
+            if self.max_norm is not None:
+                with torch.no_grad():
+                    v.mul_(torch.clamp(self.max_norm / v.norm().clamp_min(1e-12), max=1.0))
         self.vector, self.found, self._encoded = v.detach(), True, None
         return loss.detach()
 
