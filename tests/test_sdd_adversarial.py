@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from sdd.config import load_config
+from sdd.errors import ConfigError
 from sdd.loop import step_generator
 from sdd.methods.sdd import SDDConfig, SDDMethod
 from sdd.models import build_tiny_sd
@@ -86,7 +87,7 @@ def test_the_radius_keeps_the_attack_vector_within_its_ball_of_the_vocabulary_no
 
 
 def test_a_radius_that_is_not_positive_is_one_clear_error(tiny_args):
-    with pytest.raises(Exception, match="sdd.adversarial.radius: must be > 0, got 0.0"):
+    with pytest.raises(ConfigError, match="sdd.adversarial.radius: must be > 0, got 0.0"):
         build(tiny_args, "sdd.adversarial.radius=0")
 
 
