@@ -38,8 +38,8 @@ def test_flow_noising_and_loss_by_hand():
     # x_s = (1 - s) x0 + s eps at s = 1/4: (0.75 + 0.75, 1.5 - 0.25)
     assert torch.allclose(flow_noisy(x0, eps, torch.tensor([0.25])), torch.tensor([[1.5, 1.25]]))
     # target v = eps - x0 = (2, -3); v = 0 gives (4 + 9) / 2
-    assert flow_matching_loss(torch.zeros(1, 2), x0, eps).item() == pytest.approx(6.5)
-    assert flow_matching_loss(eps - x0, x0, eps).item() == 0.0
+    assert flow_matching_loss(torch.zeros(1, 2), eps - x0).item() == pytest.approx(6.5)
+    assert flow_matching_loss(eps - x0, eps - x0).item() == 0.0
     # at the ends: s = 0 is the data, s = 1 the noise
     assert torch.equal(flow_noisy(x0, eps, torch.tensor([0.0])), x0)
     assert torch.equal(flow_noisy(x0, eps, torch.tensor([1.0])), eps)
@@ -232,3 +232,70 @@ def test_ship_keeps_an_sd3_model_loadable_with_world_words_only(tmp_path):
     assert torch.equal(shipped.text_encoder_3(torch.tensor([[5, 6, 1]]))[0], torch.zeros(1, 3, 80))
     [image] = generate(shipped, [Request("a red circle", seed=0, guidance_scale=5.0)], num_inference_steps=2)
     assert image.size == (32, 32)
+
+
+# --- distillation from the UNet model (flow.teacher) -------------------------------------------------------------
+
+
+def test_teacher_timesteps_by_hand():
+    # noise-to-signal sqrt((1 - a) / a) of a = 0.8, 0.5, 0.2: 0.5, 1, 2; as flow sigmas sig / (1 + sig): 1/3, 1/2, 2/3
+    ac = torch.tensor([0.8, 0.5, 0.2])
+    t, exact, covered = shapes_base.teacher_timesteps(torch.tensor([0.5, 0.6, 0.35, 0.2, 0.9]), ac)
+    # 0.6: ratio 1.5, log-nearer 2 (0.29) than 1 (0.41); 0.35: ratio 0.54, nearer 0.5; 0.2 and 0.9 outside [0.5, 2]
+    assert t.tolist() == [1, 2, 0, 0, 2]
+    assert torch.allclose(exact, torch.tensor([0.5, 2 / 3, 1 / 3, 1 / 3, 2 / 3]))
+    assert covered.tolist() == [True, True, True, False, False]
+    # an exact x0 gives the data's velocity: (x_s - x0) / s = eps - x0
+    x0, eps, s = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.tensor([0.3, 0.8])
+    assert torch.allclose(shapes_base.velocity_of_x0(flow_noisy(x0, eps, s), x0, s), eps - x0, atol=1e-6)
+
+
+def test_teacher_velocity_is_the_unet_models_x0_at_the_same_noise(tmp_path):
+    """The teacher is run at x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (DDIM's add_noise) and its x0 estimate (DDIM's
+    formula) is what the velocity carries back to the flow point: x_s - s v = x0_teacher."""
+    method = shapes_base.ShapesDiffusionMethod(tiny_config(tmp_path / "run", "flow.teacher=shapes"))
+    teacher = method.teacher
+    assert not any(p.requires_grad for p in teacher.unet.parameters())
+    z0, eps = torch.randn(3, 4, 16, 16), torch.randn(3, 4, 16, 16)
+    t, s, covered = shapes_base.teacher_timesteps(torch.tensor([0.1, 0.5, 0.9]), teacher.prediction.alphas_cumprod)
+    assert covered.all()
+    captions = ["a red circle", "a blue square", ""]
+    v = method.teacher_velocity(flow_noisy(z0, eps, s), s, t, captions)
+    x_t = teacher.scheduler.add_noise(z0, eps, t)
+    with torch.no_grad():
+        ids = teacher.tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        eps_hat = teacher.unet(x_t, t, encoder_hidden_states=teacher.text_encoder(ids)[0]).sample
+    a = teacher.scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x0 = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    assert torch.allclose(flow_noisy(z0, eps, s) - s.reshape(-1, 1, 1, 1) * v, x0, atol=1e-4)
+
+
+def test_teacher_must_be_a_unet_model_with_our_vae(tmp_path):
+    with pytest.raises(UserError, match="not a model of the UNet kind"):
+        shapes_base.ShapesDiffusionMethod(tiny_config(tmp_path / "a", "flow.teacher=tiny-sd3"))
+    with pytest.raises(UserError, match="another VAE"):
+        shapes_base.ShapesDiffusionMethod(tiny_config(tmp_path / "b", "flow.teacher=tiny"))
+    with pytest.raises(UserError, match="no such model folder"):
+        shapes_base.ShapesDiffusionMethod(tiny_config(tmp_path / "c", f"flow.teacher={tmp_path}/none/"))
+
+
+def test_flow_loss_with_a_teacher_targets_its_velocity_inside_its_schedule_and_the_data_beyond(tmp_path):
+    method = shapes_base.ShapesDiffusionMethod(tiny_config(tmp_path / "run", "flow.teacher=shapes",
+                                                           "flow.logit_std=3.0"))
+    z0, captions = torch.randn(8, 4, 16, 16), ["a red circle", "a green triangle"] * 4
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        loss, _ = method.flow_loss(method.model, z0, captions, g)
+    reference = torch.Generator().manual_seed(3)
+    eps = torch.randn(z0.shape, generator=reference)
+    sigma = sample_sigmas(8, reference, mean=0.0, std=3.0)
+    t, exact, covered = shapes_base.teacher_timesteps(sigma, method.teacher.prediction.alphas_cumprod)
+    assert 0 < covered.sum() < 8  # logit-normal with std 3 reaches past the teacher's last step
+    s = torch.where(covered, exact, sigma)
+    teacher_v = method.teacher_velocity(flow_noisy(z0, eps, s), s, t, captions)
+    target = torch.where(covered.reshape(-1, 1, 1, 1), teacher_v, eps - z0)
+    with torch.no_grad():
+        v = method.model(flow_noisy(z0, eps, s), s * 1000, method.tokenize(captions),
+                         method.tokenize(captions, method.base.tokenizer_2))
+    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(v, target).item(), rel=1e-5)
+    assert not torch.allclose(teacher_v[covered], (eps - z0)[covered], atol=0.1)

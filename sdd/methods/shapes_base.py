@@ -15,7 +15,8 @@ no T5): stage 2 is flow matching (Esser et al. 2024, SD3): x_s = (1 - s) x0 + s 
 transformer called at timestep 1000 s, s drawn logit-normal (or uniform) and moved by the scheduler's shift,
 s' = shift s / (1 + (shift - 1) s), so that training sees the sigmas sampling visits. No min-SNR weighting (SD3's
 logit-normal sampling is its weighting). Same captions, p_empty, EMA and export (a ``StableDiffusion3Pipeline``
-folder).
+folder). ``flow.teacher`` distils a model of the UNet kind instead: where the teacher's schedule reaches, s is moved
+to the nearest of its timesteps and the target is its x0 estimate as a velocity, (x_s - x0_teacher) / s.
 
 Images are rendered on the fly from each micro-step's generator; nothing is stored.
 """
@@ -58,9 +59,10 @@ def flow_noisy(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torc
     return (1 - s) * x0 + s * eps
 
 
-def flow_matching_loss(v: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """|| (eps - x0) - v ||^2, the mean over every entry: flow matching's velocity regression (SD3)."""
-    return F.mse_loss(v.float(), (eps - x0).float())
+def flow_matching_loss(v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """|| target - v ||^2, the mean over every entry: flow matching's velocity regression (SD3), the target the
+    data's eps - x0 (or a teacher's velocity, ``flow.teacher``)."""
+    return F.mse_loss(v.float(), target.float())
 
 
 def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -76,6 +78,27 @@ def sample_sigmas(n: int, generator: torch.Generator, sampling: str = "logit_nor
     else:
         u = torch.rand(n, generator=generator)
     return shift_sigmas(u, shift)
+
+
+def teacher_timesteps(sigma: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """A VP teacher's timestep for each flow sigma: the integer t whose noise-to-signal ratio sqrt((1 - a_t) / a_t)
+    is nearest (in log) to the flow's s / (1 - s); the flow sigma of that t exactly, sig_t / (1 + sig_t); and
+    whether s lies inside the range the teacher's schedule covers (t = 0 .. T - 1)."""
+    ac = alphas_cumprod.to(torch.float64).cpu()
+    table = ((1 - ac) / ac).sqrt()  # increasing in t
+    s = sigma.to(torch.float64).cpu()
+    ratio = (s / (1 - s)).clamp(min=1e-12)
+    hi = torch.searchsorted(table, ratio).clamp(1, len(table) - 1)
+    lo = hi - 1
+    t = torch.where((ratio.log() - table[lo].log()).abs() <= (table[hi].log() - ratio.log()).abs(), lo, hi)
+    covered = (ratio >= table[0]) & (ratio <= table[-1])
+    return t, (table[t] / (1 + table[t])).to(sigma.dtype), covered
+
+
+def velocity_of_x0(x_s: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """(x_s - x0) / s: the velocity eps - x0 a flow model predicts at x_s, given its x0 estimate."""
+    return (x_s - x0) / sigma.reshape(-1, *([1] * (x_s.ndim - 1))).to(x_s.dtype)
 
 
 def batch_rng(generator: torch.Generator) -> np.random.Generator:
@@ -119,6 +142,9 @@ class FlowSettings:
     p_drop_pooled: float = 0.0  # share of captions whose pooled vectors are the empty prompt's (tokens must carry)
     shift: float = 1.0  # the scheduler's static shift: training's sigmas and the exported sampler's (SD3: 3.0)
     text_init: Optional[str] = None  # a CLIPTextModel folder CLIP-L starts from (then trained jointly); null: random
+    # a ShapesWorld model of the UNet kind ('shapes' or a pipeline folder) whose predictions, as velocities, are the
+    # targets wherever its schedule reaches (distillation; the data's eps - x0 beyond); null: the data's everywhere
+    teacher: Optional[str] = None
 
     def __post_init__(self) -> None:
         check(self.logit_std > 0, "flow.logit_std", "must be > 0")
@@ -309,6 +335,24 @@ class ShapesDiffusionMethod:
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self._pairs = (list(self.ema.parameters()), list(self.model.parameters()))
         self.alphas_cumprod = getattr(self.base.scheduler, "alphas_cumprod", None)
+        self.teacher = self.load_teacher(cfg.flow.teacher, vae) if cfg.family == "sd3" and cfg.flow.teacher else None
+
+    def load_teacher(self, path: str, vae):
+        """The frozen UNet-kind model whose predictions ``flow.teacher`` distils; it must share the VAE's latents."""
+        from sdd.models import load_components
+
+        teacher = load_components(path)
+        if teacher.prediction.kind == "flow" or teacher.prediction.alphas_cumprod is None:
+            raise UserError(f"flow.teacher: {path} is not a model of the UNet kind (a VP schedule is needed)")
+        theirs, ours = teacher.vae.state_dict(), vae.state_dict()
+        same = theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k].to(theirs[k])) for k in ours)
+        if not same or teacher.vae.config.scaling_factor != vae.config.scaling_factor:
+            raise UserError(f"flow.teacher: {path} has another VAE than {vae_folder(self.cfg)} (its latents differ)")
+        teacher.vae = vae
+        teacher.unet.to(self.device).eval().requires_grad_(False)
+        for encoder in teacher.text_encoders:
+            encoder.to(self.device).eval().requires_grad_(False)
+        return teacher
 
     def tokenize(self, captions, tok=None):
         tok = tok or self.base.tokenizer
@@ -347,9 +391,27 @@ class ShapesDiffusionMethod:
             drop = torch.rand(len(captions), generator=generator) < f.p_drop_pooled
             texts = ["" if d else c for d, c in zip(drop.tolist(), captions)]
             pooled = dict(pooled_ids=self.tokenize(texts), pooled_ids_2=self.tokenize(texts, self.base.tokenizer_2))
-        v = model(flow_noisy(z0, eps, sigma), sigma * self.base.scheduler.config.num_train_timesteps,
+        if self.teacher is not None:  # sigmas the teacher's schedule reaches move onto its nearest timestep
+            t, exact, covered = teacher_timesteps(sigma, self.teacher.prediction.alphas_cumprod)
+            sigma = torch.where(covered.to(sigma.device), exact.to(sigma.device), sigma)
+        x_s = flow_noisy(z0, eps, sigma)
+        target = eps - z0
+        if self.teacher is not None:  # the teacher's velocity there, the data's beyond
+            target = torch.where(covered.to(self.device).reshape(-1, 1, 1, 1),
+                                 self.teacher_velocity(x_s, sigma, t, captions), target)
+        v = model(x_s, sigma * self.base.scheduler.config.num_train_timesteps,
                   self.tokenize(captions), self.tokenize(captions, self.base.tokenizer_2), **pooled)
-        return flow_matching_loss(v, z0, eps), {}
+        return flow_matching_loss(v, target), {}
+
+    @torch.no_grad()
+    def teacher_velocity(self, x_s, sigma, t, captions):
+        """The teacher's x0 at the VP point of the same noise, x_t = a (1 + sig) x_s, as a velocity at x_s."""
+        c = self.teacher
+        a, _ = c.prediction.coefficients(t, x_s)
+        x_t = x_s / (1 - sigma.reshape(-1, 1, 1, 1)) * a  # (1 + sig) = 1 / (1 - s)
+        t = t.to(self.device)
+        x0 = c.prediction.to_x0(c.family.denoise(c.unet, x_t, t, c.family.encode(c, captions, self.device)), x_t, t)
+        return velocity_of_x0(x_s, x0, sigma)
 
     def after_optimizer_step(self):
         ema_update_(*self._pairs, self.cfg.diffusion.ema_decay)
