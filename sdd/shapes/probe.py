@@ -39,10 +39,10 @@ def noised(components, z0: torch.Tensor, eps: torch.Tensor, sigma: float) -> tup
     p = components.prediction
     if p.kind == "flow":
         return (1 - sigma) * z0 + sigma * eps, sigma * p.num_train_timesteps
-    snr = (1 - sigma) ** 2 / sigma**2
-    ac = p.alphas_cumprod.to(torch.float64)
-    t = int((ac / (1 - ac) - snr).abs().argmin())
-    a = float(ac[t])
+    from sdd.methods.shapes_base import teacher_timesteps
+
+    t = int(teacher_timesteps(torch.tensor([sigma], dtype=torch.float64), p.alphas_cumprod)[0])
+    a = float(p.alphas_cumprod.to(torch.float64)[t])
     return a**0.5 * z0 + (1 - a) ** 0.5 * eps, float(t)
 
 
